@@ -1,0 +1,115 @@
+"""Read a Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer and generation files.
+
+Safetensors is read directly (8-byte header length, JSON header, raw little-endian data) over a memory
+map, so bf16 needs no torch and a tensor is only materialised when asked for.
+"""
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.errors import ModelFolderError
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON file, or raise ModelFolderError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+
+
+class SafetensorsFile:
+    """Lazy access to the tensors of one .safetensors file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFolderError(f"{path}: not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data_start = 8 + n
+        self._map = None
+
+    def keys(self):
+        return self.header.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        """Return tensor `name` as float32 (bf16/f16 widened)."""
+        info = self.header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelFolderError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start, end = info["data_offsets"]
+        raw = self._map[self.data_start + start:self.data_start + end].view(dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # bf16 is the top half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
+
+
+class Checkpoint:
+    """A Hugging Face model folder: its config dict, a name → tensor lookup, and its side files."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelFolderError(f"{folder}: expected a Hugging Face model folder (a directory)")
+        self.folder = folder
+        self.config = read_json(folder / "config.json")
+        self._where = self._index_weights()
+
+    def _index_weights(self) -> dict:
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelFolderError(f"{index}: expected a 'weight_map' object")
+            files = {f: SafetensorsFile(self.folder / f) for f in sorted(set(weight_map.values()))
+                     if self._exists(self.folder / f, index)}
+            return {name: files[f] for name, f in weight_map.items()}
+        if single.exists():
+            st = SafetensorsFile(single)
+            return {name: st for name in st.keys()}
+        raise ModelFolderError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
+
+    @staticmethod
+    def _exists(path: Path, index: Path) -> bool:
+        if not path.exists():
+            raise ModelFolderError(f"{path}: listed in {index.name} but missing")
+        return True
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def tensor(self, name: str, shape: tuple) -> np.ndarray:
+        """Tensor `name` as float32, checked against the shape the config implies."""
+        if name not in self._where:
+            raise ModelFolderError(f"{self.folder}: tensor {name} is missing (expected shape {list(shape)})")
+        t = self._where[name].get(name)
+        if tuple(t.shape) != tuple(shape):
+            raise ModelFolderError(f"{self.folder}: tensor {name} has shape {list(t.shape)}, "
+                                   f"expected {list(shape)}")
+        return t
+
+    def side_files(self) -> dict:
+        """The tokenizer and generation files present, name → path."""
+        return {n: self.folder / n for n in TOKENIZER_FILES if (self.folder / n).exists()}
+
+    def optional_json(self, name: str) -> dict:
+        path = self.folder / name
+        return read_json(path) if path.exists() else {}

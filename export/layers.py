@@ -1,0 +1,99 @@
+"""The building blocks every architecture shares: linear, embedding, lm_head, RMSNorm.
+
+The weight's storage decides the op (as mlx-lm swaps in QuantizedLinear per module): a float export
+emits MatMul / Gather / Gemm, a quantized one com.microsoft MatMulNBits / GatherBlockQuantized. With
+tied embeddings the embedding and the lm_head read one quantized blob, stored once.
+"""
+import numpy as np
+
+from export.checkpoint import Checkpoint
+from export.onnx_builder import Graph
+from export.quantize import QuantSpec, quantize_weight
+
+MS = "com.microsoft"
+
+
+class Weights:
+    """Tensors for the graph functions: read lazily from the checkpoint, quantized per the spec, and
+    recorded (`self.quantized`, `self.float`) for the manifest."""
+
+    def __init__(self, ckpt: Checkpoint, spec: QuantSpec, tied: bool):
+        self.ckpt, self.spec, self.tied = ckpt, spec, tied
+        self.quantized: list[str] = []  # checkpoint tensor names stored as int4/int8
+        self.float: list[str] = []  # checkpoint tensor names stored as float32
+
+    def tensor(self, name: str, shape: tuple) -> np.ndarray:
+        if name not in self.float:
+            self.float.append(name)
+        return self.ckpt.tensor(name, shape)
+
+
+def quantized(g: Graph, w: Weights, name: str, n: int, k: int) -> tuple[str, str, str | None]:
+    """(data, scales, zero_points) initializer names of weight `name` [n, k], quantized on first use."""
+    names = (f"{name}.weight.qdata", f"{name}.weight.scales", f"{name}.weight.zero_points")
+    if names[0] not in g.weights:
+        qw = quantize_weight(w.ckpt.tensor(f"{name}.weight", (n, k)), w.spec.bits, w.spec.group_size,
+                             w.spec.symmetric)
+        g.weights.add(names[0], qw.packed)
+        g.weights.add(names[1], qw.scales)
+        if qw.zero_points is not None:
+            g.weights.add(names[2], qw.zero_points)
+        w.quantized.append(f"{name}.weight")
+    return tuple(g.weight(n_) if n_ in g.weights else None for n_ in names)
+
+
+def linear(g: Graph, w: Weights, name: str, x: str, n: int, k: int, bias: bool = False) -> str:
+    """x @ W.T (+ b) for a checkpoint Linear `name` with W [n, k]."""
+    if w.spec.quantized:
+        data, scales, zp = quantized(g, w, name, n, k)
+        y = g.op("MatMulNBits", x, data, scales, zp, domain=MS, K=k, N=n, bits=w.spec.bits,
+                 block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level)
+    else:
+        wt = f"{name}.weight.T"  # stored as [k, n] so MatMul reads it without a Transpose
+        if wt not in g.weights:
+            g.weights.add(wt, w.tensor(f"{name}.weight", (n, k)).T)
+        y = g.op("MatMul", x, g.weight(wt))
+    if bias:
+        b = f"{name}.bias"
+        if b not in g.weights:
+            g.weights.add(b, w.tensor(b, (n,)))
+        y = g.op("Add", y, g.weight(b))
+    return y
+
+
+def embedding(g: Graph, w: Weights, name: str, vocab: int, hidden: int, ids: str) -> str:
+    """Rows of the token embedding table [vocab, hidden] for `ids` [B, S] -> [B, S, hidden]."""
+    if not w.spec.quantized:
+        return g.op("Gather", float_matrix(g, w, name, vocab, hidden), ids)
+    data, scales, zp = quantized(g, w, name, vocab, hidden)
+    # GatherBlockQuantized reads the MatMulNBits blob [V, H/group, group*bits/8] as [V, H*bits/8].
+    rows = g.weight_view(f"{name}.weight.qrows", data, (vocab, hidden * w.spec.bits // 8), np.uint8)
+    return g.op("GatherBlockQuantized", rows, ids, scales, zp, domain=MS, bits=w.spec.bits,
+                block_size=w.spec.group_size, gather_axis=0, quantize_axis=1)
+
+
+def lm_head(g: Graph, w: Weights, cfg, x: str, out: str) -> str:
+    """Logits [B, vocab] from the last hidden state [B, hidden]; tied checkpoints reuse the embedding."""
+    name = "model.embed_tokens" if w.tied else "lm_head"
+    V, H = cfg.vocab_size, cfg.hidden_size
+    if w.spec.quantized:
+        data, scales, zp = quantized(g, w, name, V, H)
+        return g.op("MatMulNBits", x, data, scales, zp, domain=MS, K=H, N=V, bits=w.spec.bits,
+                    block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level, out=out)
+    return g.op("Gemm", x, float_matrix(g, w, name, V, H), transB=1, out=out)
+
+
+def float_matrix(g: Graph, w: Weights, name: str, n: int, k: int) -> str:
+    """Weight `name` [n, k] in float32, as stored in the checkpoint (no transpose)."""
+    key = f"{name}.weight"
+    if key not in g.weights:
+        g.weights.add(key, w.tensor(key, (n, k)))
+    return g.weight(key)
+
+
+def rms_norm(g: Graph, w: Weights, name: str, cfg, x: str) -> str:
+    """x / sqrt(mean(x²) + eps) * weight, computed in float32 (ORT's SimplifiedLayerNormalization)."""
+    key = f"{name}.weight"
+    if key not in g.weights:
+        g.weights.add(key, w.tensor(key, (cfg.hidden_size,)))
+    return g.op("SimplifiedLayerNormalization", x, g.weight(key), axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)

@@ -1,0 +1,126 @@
+"""Write qwen-edge.json: everything the runtime needs to know about a model folder, written once."""
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+
+from export.checkpoint import Checkpoint
+from export.quantize import QuantSpec
+from toolkit.manifest import FORMAT_VERSION, MANIFEST_NAME
+
+# Qwen ends a chat turn with <|im_end|> and plain text with <|endoftext|>; whichever the checkpoint's
+# files declare, generation stops at both when the vocabulary has them.
+QWEN_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+_DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+
+
+def build_manifest(folder: Path, ckpt: Checkpoint, cfg, spec: QuantSpec, graphs: dict, stored: dict,
+                   export_seconds: float) -> dict:
+    tok_cfg = ckpt.optional_json("tokenizer_config.json")
+    gen_cfg = ckpt.optional_json("generation_config.json")
+    vocab = token_ids(folder / "tokenizer.json")
+    specials = {k: token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+    return {
+        "format": "qwen-edge",
+        "format_version": FORMAT_VERSION,
+        "model": asdict(cfg),
+        "quantization": {
+            "bits": spec.bits,
+            "group_size": spec.group_size if spec.quantized else None,
+            "symmetric": spec.symmetric if spec.quantized else None,
+            "accuracy_level": spec.accuracy_level if spec.quantized else None,
+            "method": "rtn" if spec.quantized else "none",
+            "quantized_tensors": stored["quantized"],
+            "float_tensors": stored["float"],
+            "embedding": "GatherBlockQuantized" if spec.quantized else "Gather",
+            "tied_embeddings": cfg.tie_word_embeddings,
+            "weights_bytes": sum(stored["bytes"].values()),
+        },
+        "weights_file": stored["file"],
+        "graphs": {name: describe_graph(f"{name}.onnx", model) for name, model in graphs.items()},
+        "kv_cache": {
+            "num_layers": cfg.num_hidden_layers,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim,
+            "dtype": "float32",
+            "past_key": "past_key_values.{layer}.key",
+            "past_value": "past_key_values.{layer}.value",
+            "present_key": "present.{layer}.key",
+            "present_value": "present.{layer}.value",
+        },
+        "tokenizer": {"file": "tokenizer.json", "special_tokens": specials},
+        "chat_template": chat_template(ckpt.folder, tok_cfg),
+        "eos_token_ids": eos_ids(ckpt.config, gen_cfg, specials, vocab),
+        "pad_token_id": pad_id(ckpt.config, gen_cfg, specials, vocab),
+        "generation": {k: gen_cfg[k] for k in SAMPLING_KEYS if gen_cfg.get(k) is not None}
+        | {"do_sample": bool(gen_cfg.get("do_sample", False))},
+        "context_length": cfg.max_position_embeddings,
+        "export": {"source": str(ckpt.folder), "seconds": round(export_seconds, 1)},
+        "files": file_hashes(folder),
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def describe_graph(file: str, model: onnx.ModelProto) -> dict:
+    def io(values):
+        return [{"name": v.name, "dtype": _DTYPE_NAMES[v.type.tensor_type.elem_type],
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+    return {"file": file, "inputs": io(model.graph.input), "outputs": io(model.graph.output)}
+
+
+def token_text(value) -> str | None:
+    """tokenizer_config writes special tokens as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def token_ids(tokenizer_json: Path) -> dict:
+    """Special-token text -> id, from tokenizer.json's added_tokens."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    return {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+
+
+def eos_ids(config: dict, gen_cfg: dict, specials: dict, vocab: dict) -> list[int]:
+    ids = []
+    for source in (gen_cfg.get("eos_token_id"), config.get("eos_token_id")):
+        ids += source if isinstance(source, list) else [source] if source is not None else []
+    ids += [vocab[t] for t in (specials["eos_token"], *QWEN_END_TOKENS) if t in vocab]
+    return sorted(set(ids))
+
+
+def pad_id(config: dict, gen_cfg: dict, specials: dict, vocab: dict) -> int | None:
+    for value in (gen_cfg.get("pad_token_id"), config.get("pad_token_id"), vocab.get(specials["pad_token"]),
+                  vocab.get("<|endoftext|>")):
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def chat_template(folder: Path, tok_cfg: dict) -> str | None:
+    """The default chat template: chat_template.jinja if present, else tokenizer_config's."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def file_hashes(folder: Path) -> dict:
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.name == MANIFEST_NAME or not path.is_file():
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        out[path.name] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return out

@@ -1,0 +1,239 @@
+"""The runtime: a model folder's prefill and decode ONNX Runtime sessions plus tokenizer and sampling.
+
+    model = toolkit.load("models/qwen-int4")
+    print(model.generate([{"role": "user", "content": "Hi"}], max_new_tokens=64))
+    for piece in model.stream("def fib(n):", max_new_tokens=64):
+        print(piece, end="", flush=True)
+
+Generation: one prefill call over the (left-padded) prompt batch, then one decode call per token, the
+present KV OrtValues of each call bound as the next call's past through IO binding (no numpy copy).
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+from toolkit.chat_template import ChatTemplate
+from toolkit.errors import ArgumentError, ContextOverflowError, ModelFolderError
+from toolkit.kv_cache import KVCache
+from toolkit.manifest import Manifest, read_manifest
+from toolkit.sampling import SamplingParams, make_sampler
+from toolkit.tokenizer import TextStream, Tokenizer
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
+
+
+@dataclass
+class Completion:
+    """One generated sequence: its text, the token ids in and out, and why it ended."""
+
+    text: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (end token or stop string) or "length"
+
+
+class Model:
+    """A loaded model folder. Build it with `toolkit.load`."""
+
+    def __init__(self, folder, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
+                 verify: bool = False):
+        self.manifest: Manifest = read_manifest(folder)
+        self.manifest.check_files(hashes=verify)
+        self.config = self.manifest["model"]
+        self.tokenizer = Tokenizer(self.manifest.path(self.manifest["tokenizer"]["file"]))
+        template = self.manifest.get("chat_template")
+        specials = self.manifest["tokenizer"].get("special_tokens", {})
+        self.chat_template = ChatTemplate(template, specials) if template else None
+        self.eos_ids = frozenset(self.manifest["eos_token_ids"])
+        self.pad_id = self.manifest.get("pad_token_id") or min(self.eos_ids, default=0)
+        context = self.manifest.get("context_length") or self.config["max_position_embeddings"]
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+            raise ArgumentError(f"max_length {max_length}: expected an integer >= 2")
+        self.max_length = min(max_length or context, context)
+        self.defaults = self.manifest.get("generation", {})
+        options = session_options(threads)
+        providers = [resolve_provider(provider)]
+        self.prefill = self._session("prefill", options, providers)
+        self.decode = self._session("decode", options, providers)
+
+    def _session(self, name: str, options, providers) -> ort.InferenceSession:
+        path = self.manifest.path(self.manifest["graphs"][name]["file"])
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for a broken graph
+            raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def encode(self, prompt, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt: a str is used as is (unless chat=True), a message list goes
+        through the chat template."""
+        if isinstance(prompt, str) and not chat:
+            return self.tokenizer.encode(prompt)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if self.chat_template is None:
+            raise ModelFolderError(f"{self.manifest.folder}: the model has no chat template; pass raw text")
+        return self.tokenizer.encode(self.chat_template.render(messages))
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompt, **kwargs):
+        """Generate text for a prompt (str), a chat (list of {"role", "content"}), or a batch (a list
+        of either). Returns a str, or a list of str for a batch. See `complete` for the options."""
+        batch = is_batch(prompt)
+        done = self.complete(prompt if batch else [prompt], **kwargs)
+        return [c.text for c in done] if batch else done[0].text
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        """Yield the text of one prompt's answer piece by piece as it is decoded."""
+        if is_batch(prompt):
+            raise ArgumentError("stream: expected one prompt or one chat, not a batch")
+        for _, piece in self._run([self.encode(prompt)], **kwargs):
+            yield piece
+
+    def complete(self, prompts: list, max_new_tokens: int = 256, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, stop=()) -> list[Completion]:
+        """Generate for a list of prompts (str or message lists) as one left-padded batch.
+
+        Sampling options default to the model's generation_config; temperature 0 is greedy. Generation
+        of a sequence ends at any of the model's end tokens, at a `stop` string, or after max_new_tokens.
+        """
+        ids = [self.encode(p) for p in prompts]
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        out = [Completion("", p) for p in ids]
+        for row, piece in self._run(ids, _collect=out, **options):
+            out[row].text += piece
+        return out
+
+    def _run(self, prompts: list[list[int]], max_new_tokens=256, temperature=None, top_k=None, top_p=None,
+             repetition_penalty=None, seed=None, stop=(), _collect=None) -> Iterator[tuple[int, str]]:
+        """Core loop: yields (row, text piece) as tokens are decoded."""
+        params = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ArgumentError(f"max_new_tokens {max_new_tokens}: expected an integer >= 1")
+        longest = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ArgumentError("prompt: expected at least one token")
+        if longest >= self.max_length:
+            raise ContextOverflowError(f"prompt: {longest} tokens do not fit max_length {self.max_length} "
+                                       "(leave room for at least one new token)")
+        max_new_tokens = min(max_new_tokens, self.max_length - longest)
+
+        batch = len(prompts)
+        samplers = [make_sampler(params if params.seed is None else
+                                 SamplingParams(**{**params.__dict__, "seed": params.seed + r})) for r in range(batch)]
+        streams = [TextStream(self.tokenizer, stop) for _ in range(batch)]
+        seen = [np.array(p, dtype=np.int64) for p in prompts]
+        input_ids, mask = left_pad(prompts, self.pad_id)
+        cache = KVCache(self.manifest["kv_cache"], batch)
+        logits = self._step(self.prefill, input_ids, mask, cache)
+        alive = [True] * batch
+        for step in range(max_new_tokens):
+            next_ids = np.full((batch, 1), self.pad_id, dtype=np.int64)
+            for r in range(batch):
+                if not alive[r]:
+                    continue
+                token = samplers[r](logits[r], seen[r])
+                next_ids[r, 0] = token
+                if _collect is not None:
+                    _collect[r].token_ids.append(token)
+                if token in self.eos_ids:
+                    alive[r] = False
+                    self._finish(_collect, r, "stop")
+                    piece = streams[r].flush()
+                else:
+                    seen[r] = np.append(seen[r], token)
+                    piece = streams[r].push(token)
+                    if streams[r].stopped:
+                        alive[r] = False
+                        self._finish(_collect, r, "stop")
+                if piece:
+                    yield r, piece
+            if not any(alive) or step == max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            logits = self._step(self.decode, next_ids, mask, cache)
+        for r in range(batch):
+            if alive[r]:
+                piece = streams[r].flush()
+                if piece:
+                    yield r, piece
+
+    @staticmethod
+    def _finish(collect, row, reason):
+        if collect is not None:
+            collect[row].finish_reason = reason
+
+    def _step(self, session: ort.InferenceSession, input_ids: np.ndarray, mask: np.ndarray,
+              cache: KVCache) -> np.ndarray:
+        """Run one graph call; the cache takes the presents, the last position's logits [B, V] return."""
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits")
+        cache.bind(binding)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in bind order: logits, then the presents
+        cache.update(outputs[1:])
+        return outputs[0].numpy()
+
+    def sampling_params(self, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                        seed=None) -> SamplingParams:
+        """Explicit values, else the model's generation defaults, else greedy."""
+        d = self.defaults
+        if temperature is None:
+            temperature = d.get("temperature", 0.0) if d.get("do_sample") else 0.0
+        return SamplingParams(
+            temperature=temperature,
+            top_k=d.get("top_k", 0) if top_k is None else top_k,
+            top_p=d.get("top_p", 1.0) if top_p is None else top_p,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
+            seed=seed).check()
+
+
+def is_batch(prompt) -> bool:
+    """A batch is a list of prompts (str) or of chats (lists); a list of dicts is one chat."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask [B, longest], prompts aligned to the right."""
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), longest), dtype=np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p):] = p
+        mask[r, longest - len(p):] = 1
+    return ids, mask
+
+
+def resolve_provider(provider: str) -> str:
+    name = PROVIDERS.get(provider)
+    if name is None:
+        raise ArgumentError(f"provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
+    if name not in ort.get_available_providers():
+        raise ArgumentError(f"provider {provider!r}: this onnxruntime build has only "
+                            f"{', '.join(ort.get_available_providers())}")
+    return name
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ArgumentError(f"threads {threads}: expected an integer >= 1")
+        options.intra_op_num_threads = threads
+    return options
+
+
+def load(path, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
+         verify: bool = False) -> Model:
+    """Load an exported model folder. `verify` also checks every file's sha256 (slower)."""
+    return Model(Path(path), provider=provider, threads=threads, max_length=max_length, verify=verify)

@@ -1,0 +1,82 @@
+"""Choosing the next token from logits: small pure functions chained by `make_sampler` (as mlx-lm does).
+
+Temperature 0 means greedy (argmax). Sampling narrows the vocabulary with top-k (argpartition, no full
+sort) and top-p before drawing from a seeded numpy Generator, so the same seed gives the same tokens.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from toolkit.errors import ArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings; `check` raises ArgumentError naming the bad one."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> "SamplingParams":
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ArgumentError(f"temperature {self.temperature}: expected a number >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ArgumentError(f"top_k {self.top_k}: expected an integer >= 0 (0 = no limit)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ArgumentError(f"top_p {self.top_p}: expected a number in (0, 1]")
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+            raise ArgumentError(f"repetition_penalty {self.repetition_penalty}: expected a number > 0 (1 = off)")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ArgumentError(f"seed {self.seed}: expected an integer >= 0")
+        return self
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style penalty (as transformers): divide positive, multiply negative logits of seen tokens."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    logits = logits.copy()
+    picked = logits[seen]
+    logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest logits (all indices when k is 0 or covers the vocabulary)."""
+    if k <= 0 or k >= logits.size:
+        return np.arange(logits.size)
+    return np.argpartition(logits, -k)[-k:]
+
+
+def apply_top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Zero all but the smallest set of highest probabilities whose sum reaches top_p; renormalise."""
+    if top_p >= 1.0:
+        return probs
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p * cumulative[-1])) + 1]
+    out = np.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out / out.sum()
+
+
+def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, np.ndarray], int]:
+    """A function (logits [V], seen token ids) -> next token id."""
+    params.check()
+    rng = np.random.default_rng(params.seed)
+
+    def sample(logits: np.ndarray, seen: np.ndarray) -> int:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        if params.temperature == 0:
+            return int(np.argmax(logits))
+        ids = top_k_candidates(logits, params.top_k)
+        scaled = logits[ids].astype(np.float64) / params.temperature
+        probs = np.exp(scaled - scaled.max())
+        probs = apply_top_p(probs / probs.sum(), params.top_p)
+        return int(ids[np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(0, ids.size - 1)])
+
+    return sample
