@@ -57,9 +57,10 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None)
 
 def check_group_sizes(cfg: qwen2.Qwen2Config, group_size: int) -> None:
     """Every quantized matrix's input dimension K must be a multiple of the group size."""
-    for name, k in (("hidden_size (q/k/v/gate/up/lm_head)", cfg.hidden_size),
-                    ("num_attention_heads*head_dim (o_proj)", cfg.num_attention_heads * cfg.head_dim),
-                    ("intermediate_size (down_proj)", cfg.intermediate_size)):
+    for name, k in (("hidden_size, the input dimension of q/k/v/gate/up_proj and lm_head", cfg.hidden_size),
+                    ("num_attention_heads*head_dim, the input dimension of o_proj",
+                     cfg.num_attention_heads * cfg.head_dim),
+                    ("intermediate_size, the input dimension of down_proj", cfg.intermediate_size)):
         check_divides(k, group_size, name)
 
 

@@ -29,7 +29,8 @@ class Weights:
 
 
 def quantized(g: Graph, w: Weights, name: str, n: int, k: int) -> tuple[str, str, str | None]:
-    """(data, scales, zero_points) initializer names of weight `name` [n, k], quantized on first use."""
+    """(data, scales, zero_points) names of weight `name` [n, k] in the weights file, quantized on first
+    use; zero_points is None when symmetric. The caller references the ones it reads with `g.weight`."""
     names = (f"{name}.weight.qdata", f"{name}.weight.scales", f"{name}.weight.zero_points")
     if names[0] not in g.weights:
         qw = quantize_weight(w.ckpt.tensor(f"{name}.weight", (n, k)), w.spec.bits, w.spec.group_size,
@@ -39,15 +40,20 @@ def quantized(g: Graph, w: Weights, name: str, n: int, k: int) -> tuple[str, str
         if qw.zero_points is not None:
             g.weights.add(names[2], qw.zero_points)
         w.quantized.append(f"{name}.weight")
-    return tuple(g.weight(n_) if n_ in g.weights else None for n_ in names)
+    return tuple(n_ if n_ in g.weights else None for n_ in names)
+
+
+def matmul_nbits(g: Graph, w: Weights, name: str, x: str, n: int, k: int, out: str | None = None) -> str:
+    """x @ dequant(W).T with MatMulNBits for checkpoint weight `name` [n, k]."""
+    data, scales, zp = quantized(g, w, name, n, k)
+    return g.op("MatMulNBits", x, g.weight(data), g.weight(scales), zp and g.weight(zp), domain=MS, K=k, N=n,
+                bits=w.spec.bits, block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level, out=out)
 
 
 def linear(g: Graph, w: Weights, name: str, x: str, n: int, k: int, bias: bool = False) -> str:
     """x @ W.T (+ b) for a checkpoint Linear `name` with W [n, k]."""
     if w.spec.quantized:
-        data, scales, zp = quantized(g, w, name, n, k)
-        y = g.op("MatMulNBits", x, data, scales, zp, domain=MS, K=k, N=n, bits=w.spec.bits,
-                 block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level)
+        y = matmul_nbits(g, w, name, x, n, k)
     else:
         wt = f"{name}.weight.T"  # stored as [k, n] so MatMul reads it without a Transpose
         if wt not in g.weights:
@@ -68,7 +74,7 @@ def embedding(g: Graph, w: Weights, name: str, vocab: int, hidden: int, ids: str
     data, scales, zp = quantized(g, w, name, vocab, hidden)
     # GatherBlockQuantized reads the MatMulNBits blob [V, H/group, group*bits/8] as [V, H*bits/8].
     rows = g.weight_view(f"{name}.weight.qrows", data, (vocab, hidden * w.spec.bits // 8), np.uint8)
-    return g.op("GatherBlockQuantized", rows, ids, scales, zp, domain=MS, bits=w.spec.bits,
+    return g.op("GatherBlockQuantized", rows, ids, g.weight(scales), zp and g.weight(zp), domain=MS, bits=w.spec.bits,
                 block_size=w.spec.group_size, gather_axis=0, quantize_axis=1)
 
 
@@ -77,9 +83,7 @@ def lm_head(g: Graph, w: Weights, cfg, x: str, out: str) -> str:
     name = "model.embed_tokens" if w.tied else "lm_head"
     V, H = cfg.vocab_size, cfg.hidden_size
     if w.spec.quantized:
-        data, scales, zp = quantized(g, w, name, V, H)
-        return g.op("MatMulNBits", x, data, scales, zp, domain=MS, K=H, N=V, bits=w.spec.bits,
-                    block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level, out=out)
+        return matmul_nbits(g, w, name, x, V, H, out=out)
     return g.op("Gemm", x, float_matrix(g, w, name, V, H), transB=1, out=out)
 
 

@@ -51,7 +51,7 @@ def check_divides(k: int, group_size: int, name: str = "weight") -> None:
     """Raise ArgumentError unless group_size divides the input dimension k of `name`."""
     check_group_size(group_size)
     if k % group_size:
-        raise ArgumentError(f"--group-size {group_size} does not divide {name}'s input dimension K={k}")
+        raise ArgumentError(f"--group-size {group_size} does not divide {name} = {k}")
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True):

@@ -225,6 +225,7 @@ def resolve_provider(provider: str) -> str:
 
 def session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:

@@ -1,0 +1,43 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_checkpoint  # noqa: E402
+
+CHECKPOINTS = {  # name -> (tied, dtype, sharded)
+    "tied_fp32": (True, "float32", False),
+    "untied_bf16": (False, "bfloat16", True),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name) -> folder of a tiny random Qwen2, written once per session."""
+    made = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            tied, dtype, sharded = CHECKPOINTS[name]
+            made[name] = make_checkpoint(tmp_path_factory.mktemp(name), tied=tied, dtype=dtype, sharded=sharded)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, checkpoint):
+    """exported(name, bits=32, group_size=32, symmetric=True) -> model folder, exported once per session."""
+    from export import QuantSpec, export
+
+    made = {}
+
+    def get(name: str, bits: int = 32, group_size: int = 32, symmetric: bool = True) -> Path:
+        key = (name, bits, group_size, symmetric)
+        if key not in made:
+            out = tmp_path_factory.mktemp("exports") / f"{name}-{bits}-{group_size}-{symmetric}"
+            made[key] = export(checkpoint(name), out, QuantSpec(bits, group_size, symmetric), log=lambda m: None)
+        return made[key]
+
+    return get

@@ -1,0 +1,124 @@
+"""The exported graphs against transformers' Qwen2ForCausalLM (float32) as the oracle."""
+import numpy as np
+import pytest
+import torch
+
+import toolkit
+from export.quantize import dequantize_weight, quantize_weight
+from tiny import oracle
+from toolkit.kv_cache import KVCache
+
+NAMES = ["tied_fp32", "untied_bf16"]
+PROMPT = "def reverse(s):\n    return"
+
+
+def run(model, ids_rows, masks, cache, graph):
+    return model._step(graph, np.array(ids_rows, dtype=np.int64), np.array(masks, dtype=np.int64), cache)
+
+
+def dequantized_oracle(folder, bits, group_size, symmetric):
+    """The oracle with every matrix the export quantizes replaced by its dequantized value."""
+    ref = oracle(folder)
+    q = lambda w: torch.from_numpy(dequantize_weight(quantize_weight(w.detach().numpy(), bits, group_size, symmetric)))
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(q(module.weight))
+        if not ref.config.tie_word_embeddings:  # tied: lm_head above already rewrote the shared table
+            ref.model.embed_tokens.weight.copy_(q(ref.model.embed_tokens.weight))
+    return ref
+
+
+def step_logits(folder, ids, steps):
+    """Prefill on `ids`, then `steps` greedy decode calls: logits of every call and the tokens chosen."""
+    model = toolkit.load(folder)
+    cache = KVCache(model.manifest["kv_cache"], 1)
+    out = [run(model, [ids], [[1] * len(ids)], cache, model.prefill)[0]]
+    tokens = list(ids)
+    for _ in range(steps):
+        tokens.append(int(np.argmax(out[-1])))
+        out.append(run(model, [[tokens[-1]]], [[1] * len(tokens)], cache, model.decode)[0])
+    return np.stack(out), tokens
+
+
+def oracle_logits(ref, tokens, n_prompt):
+    with torch.no_grad():
+        logits = ref(torch.tensor([tokens])).logits[0].numpy()
+    return logits[n_prompt - 1:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float_export_matches_oracle_at_every_step(name, checkpoint, exported):
+    folder = exported(name, bits=32)
+    ids = toolkit.load(folder).tokenizer.encode(PROMPT)
+    ours, tokens = step_logits(folder, ids, steps=8)
+    ref = oracle_logits(oracle(checkpoint(name)), tokens, len(ids))
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float_export_greedy_32_tokens_identical(name, checkpoint, exported):
+    model = toolkit.load(exported(name, bits=32))
+    ids = model.tokenizer.encode(PROMPT)
+    done = model.complete([PROMPT], max_new_tokens=32, temperature=0, repetition_penalty=1.0)[0]
+    eos = model.manifest["eos_token_ids"]
+    ref = oracle(checkpoint(name)).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                            max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                                            repetition_penalty=1.0)
+    assert done.prompt_ids == ids
+    assert done.token_ids == ref[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (4, 16, False), (8, 32, True), (8, 64, False)])
+def test_quantized_export_matches_oracle_on_dequantized_weights(name, bits, group_size, symmetric, checkpoint, exported):
+    folder = exported(name, bits=bits, group_size=group_size, symmetric=symmetric)
+    ids = toolkit.load(folder).tokenizer.encode(PROMPT)
+    ours, tokens = step_logits(folder, ids, steps=4)
+    ref = oracle_logits(dequantized_oracle(checkpoint(name), bits, group_size, symmetric), tokens, len(ids))
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_prefill_equals_prefix_prefill_plus_decode(bits, exported):
+    model = toolkit.load(exported("tied_fp32", bits=bits))
+    ids = model.tokenizer.encode(PROMPT + " s[::-1]")
+    whole = run(model, [ids], [[1] * len(ids)], KVCache(model.manifest["kv_cache"], 1), model.prefill)
+    cache = KVCache(model.manifest["kv_cache"], 1)
+    split = 5
+    run(model, [ids[:split]], [[1] * split], cache, model.prefill)
+    for t in range(split, len(ids)):  # the rest one token at a time through the decode graph
+        last = run(model, [[ids[t]]], [[1] * (t + 1)], cache, model.decode)
+    np.testing.assert_allclose(last, whole, atol=1e-4)
+    # and a second prefill chunk on top of a non-empty past
+    cache = KVCache(model.manifest["kv_cache"], 1)
+    run(model, [ids[:split]], [[1] * split], cache, model.prefill)
+    chunk = run(model, [ids[split:]], [[1] * len(ids)], cache, model.prefill)
+    np.testing.assert_allclose(chunk, whole, atol=1e-4)
+    assert cache.length == len(ids)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_left_padded_batch_equals_prompts_one_by_one(bits, exported):
+    model = toolkit.load(exported("untied_bf16", bits=bits))
+    prompts = ["def reverse(s):", "Héllo wörld 🙂", "The quick brown fox jumps over the lazy dog."]
+    batch = model.complete(prompts, max_new_tokens=12, temperature=0)
+    for prompt, got in zip(prompts, batch):
+        alone = model.complete([prompt], max_new_tokens=12, temperature=0)[0]
+        assert got.token_ids == alone.token_ids
+        assert got.text == alone.text
+    assert len({len(p.prompt_ids) for p in batch}) > 1  # the batch really was padded
+
+
+def test_quantized_folder_is_smaller_and_stores_each_tensor_once(exported):
+    float_folder, int4_folder = exported("tied_fp32", bits=32), exported("tied_fp32", bits=4)
+    f32 = toolkit.load(float_folder).manifest["quantization"]["weights_bytes"]
+    man = toolkit.load(int4_folder).manifest
+    q = man["quantization"]
+    assert q["weights_bytes"] < f32 / 3
+    assert "model.embed_tokens.weight" in q["quantized_tensors"]  # tied: one blob for embedding and lm_head
+    assert "lm_head.weight" not in q["quantized_tensors"]
+    assert all(f"model.layers.0.{p}.weight" in q["quantized_tensors"] for p in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert (int4_folder / "model.weights").stat().st_size < (float_folder / "model.weights").stat().st_size / 3

@@ -1,0 +1,143 @@
+"""`qwen-edge` command line: each command is a few lines over the library.
+
+Bad input (a QwenEdgeError or a click usage error) prints one line `error: ...` and exits with 2.
+"""
+import json
+import sys
+import time
+
+import click
+
+from toolkit.errors import ArgumentError, QwenEdgeError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwen-edge")
+def cli():
+    """Quantized Qwen2 models for the edge: export to ONNX, then run them with ONNX Runtime."""
+
+
+@cli.command("export")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--bits", type=click.Choice(["4", "8", "32"]), default="4", show_default=True,
+              help="4 or 8: MatMulNBits weights; 32: float32 (the reference)")
+@click.option("--group-size", type=int, default=32, show_default=True,
+              help="weights per scale along the input dimension (power of two, 16..256)")
+@click.option("--asymmetric", is_flag=True, help="per-group zero points (default: symmetric)")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="MatMulNBits compute: 0 exact float32, 4 int8 activations (faster on CPU)")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, force):
+    """Convert the Hugging Face Qwen2 folder SRC into the model folder OUT."""
+    try:
+        from export import QuantSpec, export
+    except ImportError as e:
+        raise ArgumentError(f"export needs the converter's extra ({e.name} is missing): "
+                            "pip install 'qwen-edge[export]'") from None
+    from pathlib import Path
+
+    spec = QuantSpec(bits=int(bits), group_size=group_size, symmetric=not asymmetric, accuracy_level=accuracy_level)
+    export(Path(src), Path(out), spec, force=force)
+
+
+def model_options(f):
+    f = click.option("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's)")(f)
+    f = click.option("--max-length", type=int, default=4096, show_default=True,
+                     help="context budget: prompt plus new tokens")(f)
+    return click.option("--provider", type=click.Choice(["cpu", "cuda", "dml"]), default="cpu",
+                        show_default=True)(f)
+
+
+def sampling_options(f):
+    for name, typ, text in (("--top-p", float, "nucleus sampling mass, in (0, 1]"),
+                            ("--top-k", int, "keep the k most likely tokens (0: all)"),
+                            ("--temperature", float, "0 is greedy (default: the model's generation_config)"),
+                            ("--repetition-penalty", float, "1 is off"),
+                            ("--seed", int, "makes sampling reproducible")):
+        f = click.option(name, type=typ, default=None, help=text)(f)
+    return click.option("--max-new-tokens", type=int, default=256, show_default=True)(f)
+
+
+def load_model(model, provider, threads, max_length):
+    from toolkit.model import load
+
+    return load(model, provider=provider, threads=threads, max_length=max_length)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("prompt")
+@sampling_options
+@model_options
+@click.option("--stop", multiple=True, help="stop at this text (repeatable)")
+@click.option("--raw", is_flag=True, help="send PROMPT as is, without the chat template")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object: token ids and text")
+def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, raw,
+             as_json, provider, threads, max_length):
+    """Answer PROMPT with the model folder MODEL (streamed to stdout)."""
+    m = load_model(model, provider, threads, max_length)
+    chat = prompt if raw else [{"role": "user", "content": prompt}]
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+    if as_json:
+        c = m.complete([chat], **options)[0]
+        click.echo(json.dumps({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text,
+                               "finish_reason": c.finish_reason}, ensure_ascii=False))
+        return
+    for piece in m.stream(chat, **options):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@sampling_options
+@model_options
+@click.option("--system", default=None, help="system prompt")
+def chat(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, provider, threads, max_length,
+         system):
+    """Chat with MODEL in the terminal: streaming, multi-turn; /reset and /exit."""
+    from toolkit.chat import run_chat
+
+    m = load_model(model, provider, threads, max_length)
+    run_chat(m, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+             repetition_penalty=repetition_penalty, seed=seed)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+@click.option("--verify", is_flag=True, help="also check every file's sha256")
+def inspect(model, as_json, verify):
+    """Show what the model folder MODEL holds, from its manifest."""
+    from toolkit.inspect import describe
+    from toolkit.manifest import read_manifest
+
+    manifest = read_manifest(model)
+    manifest.check_files(hashes=verify)
+    click.echo(json.dumps(manifest.data, indent=2, ensure_ascii=False) if as_json else describe(manifest))
+    if verify:
+        click.echo(f"all {len(manifest['files'])} files match their sha256")
+
+
+def main(argv=None) -> None:
+    """Entry point: runs the CLI and turns bad input into one line on stderr and exit status 2."""
+    started = time.time()
+    try:
+        cli.main(args=argv, prog_name="qwen-edge", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except QwenEdgeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted after {time.time() - started:.1f} s", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
