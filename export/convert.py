@@ -57,11 +57,10 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None)
 
 def check_group_sizes(cfg: qwen2.Qwen2Config, group_size: int) -> None:
     """Every quantized matrix's input dimension K must be a multiple of the group size."""
-    for name, k in (("hidden_size, the input dimension of q/k/v/gate/up_proj and lm_head", cfg.hidden_size),
-                    ("num_attention_heads*head_dim, the input dimension of o_proj",
-                     cfg.num_attention_heads * cfg.head_dim),
-                    ("intermediate_size, the input dimension of down_proj", cfg.intermediate_size)):
-        check_divides(k, group_size, name)
+    for name, k, role in (("hidden_size", cfg.hidden_size, "q/k/v/gate/up_proj and lm_head"),
+                          ("num_attention_heads*head_dim", cfg.num_attention_heads * cfg.head_dim, "o_proj"),
+                          ("intermediate_size", cfg.intermediate_size, "down_proj")):
+        check_divides(k, group_size, name, f" (the input dimension of {role})")
 
 
 def write_graphs(folder: Path, ckpt: Checkpoint, cfg, spec: QuantSpec, log) -> dict:

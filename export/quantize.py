@@ -47,11 +47,11 @@ def check_group_size(group_size: int) -> None:
         raise ArgumentError(f"--group-size {group_size}: expected a power of two from 16 to 256")
 
 
-def check_divides(k: int, group_size: int, name: str = "weight") -> None:
+def check_divides(k: int, group_size: int, name: str = "K", role: str = "") -> None:
     """Raise ArgumentError unless group_size divides the input dimension k of `name`."""
     check_group_size(group_size)
     if k % group_size:
-        raise ArgumentError(f"--group-size {group_size} does not divide {name} = {k}")
+        raise ArgumentError(f"--group-size {group_size} does not divide {name} = {k}{role}")
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True):
