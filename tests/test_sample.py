@@ -1,0 +1,58 @@
+"""The real model: Qwen2.5-Coder-0.5B-Instruct from the sample (models/get_sample.py), exported at int4.
+
+Skipped, with the reason printed, only when the sample cannot be fetched."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import toolkit
+
+ROOT = Path(__file__).resolve().parents[1]
+HF = ROOT / "models" / "qwen2.5-coder-0.5b-instruct-hf"
+QUESTION = "Write a Python function that reverses a string."
+
+
+@pytest.fixture(scope="module")
+def sample_hf():
+    if not (HF / "config.json").exists():
+        r = subprocess.run([sys.executable, str(ROOT / "models" / "get_sample.py")], capture_output=True, text=True,
+                           timeout=1800)
+        if r.returncode != 0:
+            pytest.skip(f"the real-model sample could not be fetched: {r.stderr.strip().splitlines()[-1:]}")
+    return HF
+
+
+@pytest.fixture(scope="module")
+def sample_int4(sample_hf, tmp_path_factory):
+    from export import QuantSpec, export
+
+    return export(sample_hf, tmp_path_factory.mktemp("sample") / "int4", QuantSpec(bits=4, group_size=32),
+                  log=lambda m: None)
+
+
+@pytest.mark.sample
+def test_int4_answers_the_reversal_question_with_working_code(sample_int4, tmp_path):
+    model = toolkit.load(sample_int4, max_length=1024)
+    answer = model.generate([{"role": "user", "content": QUESTION}], max_new_tokens=200, temperature=0)
+    print(answer)
+    code = re.search(r"```(?:python)?\n(.*?)```", answer, re.S)
+    assert code and "def " in code.group(1), answer
+    script = tmp_path / "answer.py"
+    script.write_text(code.group(1) + "\nimport inspect as _i\n"
+                      "_f = [v for k, v in list(globals().items()) if _i.isfunction(v) and not k.startswith('_')][0]\n"
+                      "print(_f('hello, world'))\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip().splitlines()[-1] == "dlrow ,olleh", run.stdout + run.stderr
+
+
+@pytest.mark.sample
+def test_int4_manifest_describes_the_sample(sample_int4):
+    man = toolkit.load(sample_int4).manifest
+    assert man["model"]["num_hidden_layers"] == 24 and man["model"]["vocab_size"] == 151936
+    assert {151643, 151645} <= set(man["eos_token_ids"])  # <|endoftext|> and <|im_end|>
+    q = man["quantization"]
+    assert len(q["quantized_tensors"]) == 24 * 7 + 2  # every projection, lm_head and the embedding
+    assert q["weights_bytes"] < 420 * 2**20
