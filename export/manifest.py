@@ -1,5 +1,4 @@
 """Write qwen-edge.json: everything the runtime needs to know about a model folder, written once."""
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -8,7 +7,7 @@ import onnx
 
 from export.checkpoint import Checkpoint
 from export.quantize import QuantSpec
-from toolkit.manifest import FORMAT_VERSION, MANIFEST_NAME
+from toolkit.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256
 
 # Qwen ends a chat turn with <|im_end|> and plain text with <|endoftext|>; whichever the checkpoint's
 # files declare, generation stops at both when the vocabulary has them.
@@ -118,9 +117,5 @@ def file_hashes(folder: Path) -> dict:
     for path in sorted(folder.iterdir()):
         if path.name == MANIFEST_NAME or not path.is_file():
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        out[path.name] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+        out[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
     return out

@@ -8,7 +8,7 @@
 Generation: one prefill call over the (left-padded) prompt batch, then one decode call per token, the
 present KV OrtValues of each call bound as the next call's past through IO binding (no numpy copy).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -126,8 +126,9 @@ class Model:
         max_new_tokens = min(max_new_tokens, self.max_length - longest)
 
         batch = len(prompts)
-        samplers = [make_sampler(params if params.seed is None else
-                                 SamplingParams(**{**params.__dict__, "seed": params.seed + r})) for r in range(batch)]
+        # one generator per row (seed + row): rows of a batch draw independently and reproducibly
+        samplers = [make_sampler(params if params.seed is None else replace(params, seed=params.seed + r))
+                    for r in range(batch)]
         streams = [TextStream(self.tokenizer, stop) for _ in range(batch)]
         seen = [np.array(p, dtype=np.int64) for p in prompts]
         input_ids, mask = left_pad(prompts, self.pad_id)
