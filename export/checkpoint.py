@@ -4,6 +4,7 @@ Safetensors is read directly (8-byte header length, JSON header, raw little-endi
 map, so bf16 needs no torch and a tensor is only materialised when asked for.
 """
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -106,10 +107,24 @@ class Checkpoint:
                                    f"expected {list(shape)}")
         return t
 
-    def side_files(self) -> dict:
-        """The tokenizer and generation files present, name → path."""
-        return {n: self.folder / n for n in TOKENIZER_FILES if (self.folder / n).exists()}
+    def write_side_files(self, dest: Path) -> None:
+        """Copy the tokenizer, chat template and generation files into the model folder `dest`."""
+        if not (self.folder / "tokenizer.json").exists():
+            raise ModelFolderError(f"{self.folder}: tokenizer.json is missing (the runtime tokenizes with it)")
+        for name in TOKENIZER_FILES:
+            if (self.folder / name).exists():
+                shutil.copyfile(self.folder / name, dest / name)
 
-    def optional_json(self, name: str) -> dict:
-        path = self.folder / name
-        return read_json(path) if path.exists() else {}
+
+def open_checkpoint(src: Path):
+    """A Hugging Face folder, or a .gguf file (read with the gguf package)."""
+    from export.gguf_checkpoint import GGUFCheckpoint, is_gguf
+
+    src = Path(src)
+    if src.is_file() and is_gguf(src):
+        return GGUFCheckpoint(src)
+    if src.is_file():
+        raise ModelFolderError(f"{src}: expected a Hugging Face model folder or a GGUF file")
+    if not src.exists():
+        raise ModelFolderError(f"{src}: not found; expected a Hugging Face model folder or a GGUF file")
+    return Checkpoint(src)

@@ -13,15 +13,17 @@ from pathlib import Path
 import onnx
 
 from export import qwen2
-from export.checkpoint import Checkpoint
+from export.checkpoint import open_checkpoint
 from export.layers import Weights
 from export.manifest import build_manifest, write_manifest
 from export.onnx_builder import Graph, WeightFile
 from export.quantize import QuantSpec, check_divides
-from toolkit.errors import ArgumentError, ModelFolderError
+from toolkit.errors import ArgumentError
 
 WEIGHTS_FILE = "model.weights"
-GRAPHS = {"prefill": "sequence", "decode": 1}  # graph name -> length of input_ids' sequence axis
+# graph name -> (length of input_ids' sequence axis, logits for every position?). "score" serves evaluation
+# (perplexity, KL); generation never loads it.
+GRAPHS = {"prefill": ("sequence", False), "decode": (1, False), "score": ("sequence", True)}
 
 
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None) -> Path:
@@ -32,20 +34,17 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None)
         raise ArgumentError(f"{out}: already exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise ArgumentError(f"{out}: parent folder {out.parent} does not exist")
-    ckpt = Checkpoint(src)
-    cfg = qwen2.Qwen2Config.from_dict(ckpt.config, str(src / "config.json"))
-    if "tokenizer.json" not in ckpt.side_files():
-        raise ModelFolderError(f"{src}: tokenizer.json is missing (the runtime tokenizes with it)")
+    ckpt = open_checkpoint(src)
+    cfg = qwen2.Qwen2Config.from_dict(ckpt.config, str(src if src.is_file() else src / "config.json"))
     if spec.quantized:
         check_group_sizes(cfg, spec.group_size)
 
     started = time.time()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
+        ckpt.write_side_files(tmp)  # first: a checkpoint without a tokenizer fails before the long part
         graphs, stored = write_graphs(tmp, ckpt, cfg, spec, log)
-        for name, path in ckpt.side_files().items():
-            shutil.copyfile(path, tmp / name)
-        manifest = build_manifest(tmp, ckpt, cfg, spec, graphs, stored, export_seconds=time.time() - started)
+        manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, stored, time.time() - started)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:
@@ -63,18 +62,18 @@ def check_group_sizes(cfg: qwen2.Qwen2Config, group_size: int) -> None:
         check_divides(k, group_size, name, f" (the input dimension of {role})")
 
 
-def write_graphs(folder: Path, ckpt: Checkpoint, cfg, spec: QuantSpec, log) -> dict:
-    """Build prefill.onnx and decode.onnx over one shared weights file.
+def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log) -> dict:
+    """Build prefill.onnx, decode.onnx and score.onnx over one shared weights file.
 
     Returns ({graph name: ModelProto}, {"file", "quantized", "float", "bytes"} of the weights file)."""
     weights = WeightFile(folder / WEIGHTS_FILE)
     w = Weights(ckpt, spec, tied=cfg.tie_word_embeddings)
     graphs = {}
     try:
-        for name, seq in GRAPHS.items():
+        for name, (seq, all_logits) in GRAPHS.items():
             t = time.time()
             g = Graph(name, weights)
-            qwen2.build(g, cfg, w, seq)
+            qwen2.build(g, cfg, w, seq, all_logits)
             model = g.to_model()
             onnx.save(model, folder / f"{name}.onnx")
             graphs[name] = model

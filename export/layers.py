@@ -79,12 +79,18 @@ def embedding(g: Graph, w: Weights, name: str, vocab: int, hidden: int, ids: str
 
 
 def lm_head(g: Graph, w: Weights, cfg, x: str, out: str) -> str:
-    """Logits [B, vocab] from the last hidden state [B, hidden]; tied checkpoints reuse the embedding."""
+    """Logits [..., vocab] from hidden states [..., hidden]; tied checkpoints reuse the embedding."""
     name = "model.embed_tokens" if w.tied else "lm_head"
     V, H = cfg.vocab_size, cfg.hidden_size
     if w.spec.quantized:
         return matmul_nbits(g, w, name, x, V, H, out=out)
-    return g.op("Gemm", x, float_matrix(g, w, name, V, H), transB=1, out=out)
+    # Gemm reads the [V, H] table transposed in place (a Transpose node would be constant-folded into a
+    # second copy in RAM); Gemm is 2-D only, so [..., H] is flattened and the leading axes restored.
+    table = float_matrix(g, w, name, V, H)
+    flat = g.op("Reshape", x, g.const([-1, H], np.int64))
+    y = g.op("Gemm", flat, table, transB=1)
+    shape = g.op("Concat", g.op("Shape", x, end=-1), g.const([V], np.int64), axis=0)
+    return g.op("Reshape", y, shape, out=out)
 
 
 def float_matrix(g: Graph, w: Weights, name: str, n: int, k: int) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import onnx
 
-from export.checkpoint import Checkpoint
+from export.checkpoint import read_json
 from export.quantize import QuantSpec
 from toolkit.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256
 
@@ -16,10 +16,12 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
 _DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
 
 
-def build_manifest(folder: Path, ckpt: Checkpoint, cfg, spec: QuantSpec, graphs: dict, stored: dict,
+def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpec, graphs: dict, stored: dict,
                    export_seconds: float) -> dict:
-    tok_cfg = ckpt.optional_json("tokenizer_config.json")
-    gen_cfg = ckpt.optional_json("generation_config.json")
+    """The manifest of model folder `folder`, whose graphs, weights and side files are already written;
+    `config` is the checkpoint's config.json (or the GGUF metadata under the same names)."""
+    tok_cfg = optional_json(folder / "tokenizer_config.json")
+    gen_cfg = optional_json(folder / "generation_config.json")
     vocab = token_ids(folder / "tokenizer.json")
     specials = {k: token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
     return {
@@ -51,15 +53,19 @@ def build_manifest(folder: Path, ckpt: Checkpoint, cfg, spec: QuantSpec, graphs:
             "present_value": "present.{layer}.value",
         },
         "tokenizer": {"file": "tokenizer.json", "special_tokens": specials},
-        "chat_template": chat_template(ckpt.folder, tok_cfg),
-        "eos_token_ids": eos_ids(ckpt.config, gen_cfg, specials, vocab),
-        "pad_token_id": pad_id(ckpt.config, gen_cfg, specials, vocab),
+        "chat_template": chat_template(folder, tok_cfg),
+        "eos_token_ids": eos_ids(config, gen_cfg, specials, vocab),
+        "pad_token_id": pad_id(config, gen_cfg, specials, vocab),
         "generation": {k: gen_cfg[k] for k in SAMPLING_KEYS if gen_cfg.get(k) is not None}
         | {"do_sample": bool(gen_cfg.get("do_sample", False))},
         "context_length": cfg.max_position_embeddings,
-        "export": {"source": str(ckpt.folder), "seconds": round(export_seconds, 1)},
+        "export": {"source": str(source), "seconds": round(export_seconds, 1)},
         "files": file_hashes(folder),
     }
+
+
+def optional_json(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

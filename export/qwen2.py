@@ -67,8 +67,11 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
-def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
-    """Fill `g` with the whole model; `seq` is 1 for decode or a symbolic name for prefill."""
+def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str, all_logits: bool = False) -> None:
+    """Fill `g` with the whole model; `seq` is 1 for decode or a symbolic name for prefill.
+
+    `all_logits` returns logits [B, S, V] for every position (the score graph that evaluation uses)
+    instead of [B, V] for the last one."""
     input_ids = g.input("input_ids", INT64, ["batch", seq])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
     cos, sin, mask = attention_inputs(g, cfg, input_ids, attention_mask)
@@ -77,10 +80,10 @@ def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
         with g.scope(f"layers.{i}"):
             h = decoder_layer(g, cfg, w, i, h, cos, sin, mask)
     with g.scope("final"):
-        last = g.op("Gather", h, g.const(-1, np.int64), axis=1)  # [B, H]
-        last = rms_norm(g, w, "model.norm", cfg, last)
-        lm_head(g, w, cfg, last, out="logits")
-    g.output("logits", FLOAT, ["batch", cfg.vocab_size])
+        if not all_logits:  # only the last position feeds the next token: skip the rest of the lm_head
+            h = g.op("Gather", h, g.const(-1, np.int64), axis=1)  # [B, H]
+        lm_head(g, w, cfg, rms_norm(g, w, "model.norm", cfg, h), out="logits")
+    g.output("logits", FLOAT, ["batch", seq, cfg.vocab_size] if all_logits else ["batch", cfg.vocab_size])
 
 
 def attention_inputs(g: Graph, cfg: Qwen2Config, input_ids: str, attention_mask: str):

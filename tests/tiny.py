@@ -3,7 +3,9 @@ carrying Qwen's special tokens and ChatML chat template. Nothing is downloaded."
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from export.gguf_checkpoint import QWEN2_SPLIT
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
@@ -21,8 +23,10 @@ CORPUS = [
 
 
 def make_tokenizer(folder: Path, vocab_size: int = 300) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = Tokenizer(models.BPE())  # Qwen2's: NFC, its split regex, then byte-level BPE
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -68,3 +72,59 @@ def oracle(folder: Path):
     from transformers import Qwen2ForCausalLM
 
     return Qwen2ForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def write_gguf(folder: Path, path: Path, matrix_type: str = "F32", overrides: dict | None = None) -> Path:
+    """Write the checkpoint in `folder` as a llama.cpp-style GGUF: qwen2 metadata, the tokenizer as
+    tokenizer.ggml.* arrays, 2-D weights as `matrix_type` (F32, F16, Q8_0, Q4_0, …), the rest F32.
+    `overrides` maps a GGUF tensor name to a numpy array stored as is (to test unsupported types)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from export.gguf_checkpoint import gguf_name
+
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["id"] for t in tok["added_tokens"]}
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if i in specials else 1 for _, i in vocab])
+    merges = tok["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    w.add_eos_token_id(ids["<|im_end|>"])
+    w.add_pad_token_id(ids["<|endoftext|>"])
+    w.add_bos_token_id(ids["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok_cfg["chat_template"])
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    qtype = gguf.GGMLQuantizationType[matrix_type]
+    for name, t in tensors.items():
+        t = t.astype(np.float32) if t.dtype != np.uint16 else (t.astype(np.uint32) << 16).view(np.float32)
+        gname = gguf_name(name)
+        if overrides and gname in overrides:
+            w.add_tensor(gname, overrides[gname])
+        elif t.ndim == 2 and qtype not in (gguf.GGMLQuantizationType.F32,):
+            w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -121,6 +121,54 @@ def inspect(model, as_json, verify):
         click.echo(f"all {len(manifest['files'])} files match their sha256")
 
 
+@cli.command("eval")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=str), help="UTF-8 text to score")
+@click.option("--reference", default=None, type=click.Path(path_type=str),
+              help="another export of the same checkpoint (usually --bits 32): adds KL, top-1, PPL ratio")
+@click.option("--window", type=int, default=512, show_default=True, help="tokens of context per scoring call")
+@click.option("--stride", type=int, default=256, show_default=True, help="tokens the window advances by")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_cmd(model, text_file, reference, window, stride, threads, as_json):
+    """Perplexity of MODEL on a text; with --reference, KL divergence and top-1 agreement too."""
+    from pathlib import Path
+
+    from toolkit.evaluate import evaluate_text
+    from toolkit.model import load
+
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArgumentError(f"--text {text_file}: expected a readable UTF-8 text file ({e.__class__.__name__})") from None
+    m = load(model, threads=threads)
+    ref = load(reference, threads=threads) if reference else None
+    n = len(m.tokenizer.encode(text))
+    with click.progressbar(length=max(n - 1, 0), label="scoring", file=sys.stderr) as bar:
+        report = evaluate_text(m, text, ref, window, stride, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for key, value in report.items():
+        click.echo(f"{key:16} {value:.6g}" if isinstance(value, float) else f"{key:16} {value}")
+
+
+@cli.command("bench")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's)")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "dml"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_cmd(model, prompt_tokens, new_tokens, runs, threads, provider, as_json):
+    """Speed and memory of MODEL: load, first token, prefill and decode tok/s, peak RSS, size."""
+    from toolkit.bench import bench, format_report
+
+    report = bench(model, prompt_tokens, new_tokens, runs, threads, provider)
+    click.echo(json.dumps(report) if as_json else format_report(report))
+
+
 def main(argv=None) -> None:
     """Entry point: runs the CLI and turns bad input into one line on stderr and exit status 2."""
     started = time.time()

@@ -54,17 +54,36 @@ class Model:
             raise ArgumentError(f"max_length {max_length}: expected an integer >= 2")
         self.max_length = min(max_length or context, context)
         self.defaults = self.manifest.get("generation", {})
-        options = session_options(threads)
-        providers = [resolve_provider(provider)]
-        self.prefill = self._session("prefill", options, providers)
-        self.decode = self._session("decode", options, providers)
+        self._options = session_options(threads)
+        self._providers = [resolve_provider(provider)]
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.prefill = self.session("prefill")
+        self.decode = self.session("decode")
 
-    def _session(self, name: str, options, providers) -> ort.InferenceSession:
-        path = self.manifest.path(self.manifest["graphs"][name]["file"])
-        try:
-            return ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for a broken graph
-            raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
+    def session(self, name: str) -> ort.InferenceSession:
+        """The ONNX Runtime session of graph `name` (prefill, decode; score is loaded on first use)."""
+        if name not in self._sessions:
+            graph = self.manifest["graphs"].get(name)
+            if graph is None:
+                raise ModelFolderError(f"{self.manifest.folder}: has no {name!r} graph (re-export it with this "
+                                       "version of qwen-edge)")
+            path = self.manifest.path(graph["file"])
+            try:
+                self._sessions[name] = ort.InferenceSession(str(path), self._options, providers=self._providers)
+            except Exception as e:  # onnxruntime raises its own exception types for a broken graph
+                raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
+        return self._sessions[name]
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        """An empty KV cache for `batch` sequences."""
+        return KVCache(self.manifest["kv_cache"], batch)
+
+    def forward(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One call of graph `graph` (prefill, decode or score) on top of `cache`, which takes the presents.
+
+        input_ids int64 [B, S]; attention_mask int64 [B, cache.length + S]. Returns logits float32:
+        [B, vocab] for the last position (prefill, decode) or [B, S, vocab] for every position (score)."""
+        return self._step(self.session(graph), input_ids, attention_mask, cache)
 
     # -- prompts ---------------------------------------------------------------------------------
 

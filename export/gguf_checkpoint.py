@@ -1,0 +1,151 @@
+"""Read a GGUF file (llama.cpp's format) as a Qwen2 checkpoint, with the `gguf` package and no transformers.
+
+The config comes from the `qwen2.*` metadata, tensors are dequantized to float32 on demand
+(gguf.quants.dequantize: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, …) under their
+Hugging Face names, and the tokenizer files are rebuilt from the GGUF vocabulary and merges.
+
+Q/K rows: llama.cpp's converter permutes q_proj/k_proj rows for the `llama` architecture only (its
+interleaved RoPE); `qwen2` uses the NeoX (rotate_half) layout and is stored unpermuted, so nothing is undone.
+"""
+import json
+import re
+from pathlib import Path
+
+from toolkit.errors import ModelFolderError
+
+# Qwen2's pre-tokenizer split (the same regex as the Qwen2 tokenizer.json), applied before byte-level BPE.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that become added tokens (special / not special)
+_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+
+
+def is_gguf(path: Path) -> bool:
+    """A regular file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def gguf_name(hf_name: str) -> str:
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (and the few global names)."""
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+    if not m or m.group(2) not in _LAYER:
+        return hf_name
+    return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+
+
+class GGUFCheckpoint:
+    """The same interface as checkpoint.Checkpoint (config, has, tensor, write_side_files) over one GGUF."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path = self.folder = Path(path)
+        try:
+            self.reader = GGUFReader(self.path)
+        except Exception as e:  # gguf raises ValueError / struct errors on a malformed file
+            raise ModelFolderError(f"{path}: not a readable GGUF file ({e})") from None
+        self.meta = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.config = self._config()
+
+    def _field(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def _config(self) -> dict:
+        arch = self.meta.get("general.architecture")
+        if arch != "qwen2":
+            raise ModelFolderError(f"{self.path}: general.architecture {arch!r} is not supported; expected 'qwen2'")
+        a = lambda key, default=None: self.meta.get(f"qwen2.{key}", default)  # noqa: E731
+        missing = [k for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+                   if a(k) is None]
+        if missing:
+            raise ModelFolderError(f"{self.path}: metadata qwen2.{missing[0]} is missing")
+        scaling = a("rope.scaling.type")
+        tokens = self._field("tokenizer.ggml.tokens") or []
+        return {
+            "model_type": "qwen2",
+            "vocab_size": int(self.tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in self.tensors
+            else len(tokens),
+            "hidden_size": a("embedding_length"), "intermediate_size": a("feed_forward_length"),
+            "num_hidden_layers": a("block_count"), "num_attention_heads": a("attention.head_count"),
+            "num_key_value_heads": a("attention.head_count_kv", a("attention.head_count")),
+            "rms_norm_eps": a("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": a("rope.freq_base", 10000.0),
+            "max_position_embeddings": a("context_length", 32768),
+            "rope_scaling": None if scaling in (None, "none") else {"rope_type": scaling},
+            "tie_word_embeddings": "output.weight" not in self.tensors,
+            "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self._field("tokenizer.ggml.padding_token_id"),
+        }
+
+    def has(self, name: str) -> bool:
+        return gguf_name(name) in self.tensors
+
+    def tensor(self, name: str, shape: tuple):
+        """Tensor `name` (Hugging Face naming) dequantized to float32, checked against `shape`."""
+        from gguf.quants import dequantize
+
+        t = self.tensors.get(gguf_name(name))
+        if t is None:
+            raise ModelFolderError(f"{self.path}: tensor {gguf_name(name)} ({name}) is missing "
+                                   f"(expected shape {list(shape)})")
+        try:
+            w = dequantize(t.data, t.tensor_type).astype("float32", copy=False)
+        except NotImplementedError:
+            raise ModelFolderError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
+                                   "dequantized here; expected F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 or a K-quant")
+        if tuple(w.shape) != tuple(shape):
+            raise ModelFolderError(f"{self.path}: tensor {t.name} has shape {list(w.shape)}, expected {list(shape)}")
+        return w
+
+    def write_side_files(self, dest: Path) -> None:
+        """tokenizer.json, tokenizer_config.json and generation_config.json rebuilt from the metadata."""
+        tokens = self._field("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ModelFolderError(f"{self.path}: no tokenizer.ggml.tokens in the metadata")
+        model, pre = self._field("tokenizer.ggml.model"), self._field("tokenizer.ggml.pre")
+        if model != "gpt2" or pre not in ("qwen2", None):
+            raise ModelFolderError(f"{self.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; "
+                                   "expected 'gpt2' (byte-level BPE) with 'qwen2'")
+        types = self._field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [m.split(" ", 1) for m in self._field("tokenizer.ggml.merges") or []]
+        (dest / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokens, types, merges), ensure_ascii=False),
+                                             encoding="utf-8")
+        ids = {k: self._field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+        text = lambda i: tokens[i] if i is not None and i < len(tokens) else None  # noqa: E731
+        (dest / "tokenizer_config.json").write_text(json.dumps({
+            "chat_template": self._field("tokenizer.chat_template"),
+            "bos_token": text(ids["bos"]) if self._field("tokenizer.ggml.add_bos_token") else None,
+            "eos_token": text(ids["eos"]), "pad_token": text(ids["padding"]),
+        }, indent=2, ensure_ascii=False), encoding="utf-8")
+        (dest / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]}, indent=2))
+
+
+def tokenizer_json(tokens: list[str], types: list[int], merges: list[list[str]]) -> dict:
+    """A Hugging Face tokenizer.json for Qwen2's byte-level BPE: NFC, the Qwen2 split, byte-level."""
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": types[i] == CONTROL} for i, t in enumerate(tokens) if types[i] in (CONTROL, USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+    }
