@@ -56,3 +56,29 @@ def test_int4_manifest_describes_the_sample(sample_int4):
     q = man["quantization"]
     assert len(q["quantized_tensors"]) == 24 * 7 + 2  # every projection, lm_head and the embedding
     assert q["weights_bytes"] < 420 * 2**20
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog, and then it rests.", "你好，世界！今天天气很好，我们去公园散步吧。",
+         "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n    p, *rest = xs\n"
+         "    return quicksort([x for x in rest if x < p]) + [p] + quicksort([x for x in rest if x >= p])\n",
+         "Emoji: 🙂🚀👍🏽🇯🇵 — naïve café, Straße, Ελληνικά, русский."]
+
+
+@pytest.mark.sample
+def test_gguf_export_equals_the_hf_folder_export(sample_hf, tmp_path_factory):
+    """The native GGUF path against the Hugging Face folder transformers made from the same file."""
+    import numpy as np
+
+    from export import QuantSpec, export
+
+    root = tmp_path_factory.mktemp("gguf-vs-hf")
+    gguf = sample_hf.parent / "qwen2.5-coder-0.5b-instruct.gguf"
+    a = toolkit.load(export(gguf, root / "gguf", QuantSpec(bits=32), log=lambda m: None), preload=False)
+    b = toolkit.load(export(sample_hf, root / "hf", QuantSpec(bits=32), log=lambda m: None), preload=False)
+    for text in TEXTS:
+        assert a.tokenizer.encode(text) == b.tokenizer.encode(text), text
+    ids = np.array([a.tokenizer.encode(" ".join(TEXTS))])
+    la = a.forward("score", ids, np.ones_like(ids), a.new_cache())
+    lb = b.forward("score", ids, np.ones_like(ids), b.new_cache())
+    assert np.abs(la - lb).max() <= 1e-4
+    assert set(a.manifest["eos_token_ids"]) >= {151643, 151645}

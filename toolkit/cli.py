@@ -134,16 +134,17 @@ def eval_cmd(model, text_file, reference, window, stride, threads, as_json):
     """Perplexity of MODEL on a text; with --reference, KL divergence and top-1 agreement too."""
     from pathlib import Path
 
-    from toolkit.evaluate import evaluate_text
+    from toolkit.evaluate import evaluate_text, windows
     from toolkit.model import load
 
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ArgumentError(f"--text {text_file}: expected a readable UTF-8 text file ({e.__class__.__name__})") from None
-    m = load(model, threads=threads)
-    ref = load(reference, threads=threads) if reference else None
+    m = load(model, threads=threads, preload=False)
+    ref = load(reference, threads=threads, preload=False) if reference else None
     n = len(m.tokenizer.encode(text))
+    windows(n, window, stride)  # bad window/stride or too short a text: say so before the progress bar
     with click.progressbar(length=max(n - 1, 0), label="scoring", file=sys.stderr) as bar:
         report = evaluate_text(m, text, ref, window, stride, progress=bar.update)
     if as_json:

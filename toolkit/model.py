@@ -39,7 +39,7 @@ class Model:
     """A loaded model folder. Build it with `toolkit.load`."""
 
     def __init__(self, folder, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
-                 verify: bool = False):
+                 verify: bool = False, preload: bool = True):
         self.manifest: Manifest = read_manifest(folder)
         self.manifest.check_files(hashes=verify)
         self.config = self.manifest["model"]
@@ -57,8 +57,17 @@ class Model:
         self._options = session_options(threads)
         self._providers = [resolve_provider(provider)]
         self._sessions: dict[str, ort.InferenceSession] = {}
-        self.prefill = self.session("prefill")
-        self.decode = self.session("decode")
+        if preload:  # generation's two graphs, so the first answer does not pay for loading them
+            self.session("prefill")
+            self.session("decode")
+
+    @property
+    def prefill(self) -> ort.InferenceSession:
+        return self.session("prefill")
+
+    @property
+    def decode(self) -> ort.InferenceSession:
+        return self.session("decode")
 
     def session(self, name: str) -> ort.InferenceSession:
         """The ONNX Runtime session of graph `name` (prefill, decode; score is loaded on first use)."""
@@ -255,6 +264,12 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def load(path, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
-         verify: bool = False) -> Model:
-    """Load an exported model folder. `verify` also checks every file's sha256 (slower)."""
-    return Model(Path(path), provider=provider, threads=threads, max_length=max_length, verify=verify)
+         verify: bool = False, preload: bool = True) -> Model:
+    """Load an exported model folder.
+
+    provider: "cpu", "cuda" or "dml"; threads: CPU threads (default: onnxruntime's choice); max_length:
+    the context budget, prompt plus new tokens (default: the model's context length); verify: also check
+    every file's sha256 (slower); preload: create the prefill and decode sessions now rather than on
+    first use (evaluation, which uses the score graph, passes False)."""
+    return Model(Path(path), provider=provider, threads=threads, max_length=max_length, verify=verify,
+                 preload=preload)
