@@ -41,6 +41,9 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None)
 
     started = time.time()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
         ckpt.write_side_files(tmp)  # first: a checkpoint without a tokenizer fails before the long part
         graphs, stored = write_graphs(tmp, ckpt, cfg, spec, log)

@@ -140,7 +140,8 @@ def eval_cmd(model, text_file, reference, window, stride, threads, as_json):
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ArgumentError(f"--text {text_file}: expected a readable UTF-8 text file ({e.__class__.__name__})") from None
+        raise ArgumentError(f"--text {text_file}: expected a readable UTF-8 text file "
+                            f"({e.__class__.__name__})") from None
     m = load(model, threads=threads, preload=False)
     ref = load(reference, threads=threads, preload=False) if reference else None
     n = len(m.tokenizer.encode(text))

@@ -77,6 +77,7 @@ def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, np.ndarray], i
         scaled = logits[ids].astype(np.float64) / params.temperature
         probs = np.exp(scaled - scaled.max())
         probs = apply_top_p(probs / probs.sum(), params.top_p)
-        return int(ids[np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(0, ids.size - 1)])
+        pick = np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right")
+        return int(ids[min(pick, ids.size - 1)])
 
     return sample

@@ -1,0 +1,62 @@
+"""Runner: qwen-edge itself, in the same contract as the peers (runs in the project's .venv).
+
+    python tests/bench/peer_qwen_edge.py --variant int4 --model FOLDER --prompt-ids prompt.json \
+        --new-tokens 128 --runs 3 --threads 2 [--score NAME=DIR ...] --out result.json
+
+Load = toolkit.load (prefill and decode sessions ready); TTFT = the prefill call until its logits exist;
+decode = exactly --new-tokens decode calls with greedy argmax, end tokens ignored. Scoring = the folder's
+score graph, one fresh call per window.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runner_common import disk_bytes, load_windows, main_common, peak_rss_bytes, score_windows, stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def measure(args):
+    import onnxruntime as ort
+
+    import toolkit
+
+    ids = [int(x) for x in json.loads(Path(args.prompt_ids).read_text())["ids"]]
+    n = args.new_tokens
+    t = time.perf_counter()
+    model = toolkit.load(args.model, threads=args.threads, max_length=len(ids) + n + 8)
+    load_s = time.perf_counter() - t
+    ttft, dec, first_ids = [], [], None
+    for _ in range(args.runs):
+        cache = model.new_cache(1)
+        mask = np.ones((1, len(ids)), dtype=np.int64)
+        t = time.perf_counter()
+        gen = [int(np.argmax(model.forward("prefill", np.array([ids]), mask, cache)[0]))]
+        ttft.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n):
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            gen.append(int(np.argmax(model.forward("decode", np.array([gen[-1:]]), mask, cache)[0])))
+        dec.append(n / (time.perf_counter() - t))
+        first_ids = first_ids or gen[:n]
+    rss = peak_rss_bytes()
+    q = model.manifest["quantization"]
+    notes = [f"onnxruntime {ort.__version__}; bits {q['bits']}, group {q['group_size']}, accuracy_level "
+             f"{q['accuracy_level']}; greedy text (first 40 tokens): "
+             + json.dumps(model.tokenizer.decode(first_ids[:40]))]
+    scores = {}
+    for name, wids, wins, ref in (load_windows(s) for s in args.score):
+        def logits_fn(window):
+            x = np.array([list(window)], dtype=np.int64)
+            return model.forward("score", x, np.ones_like(x), model.new_cache(1))[0]
+        scores[name] = score_windows(logits_fn, wids, wins, ref, notes)
+    return {"version": toolkit.__version__, "disk_bytes": disk_bytes(args.model), "peak_rss_bytes": rss,
+            "load_s": load_s, "ttft_s": stats(ttft), "prefill_tok_s": stats([len(ids) / s for s in ttft]),
+            "decode_tok_s": stats(dec), "scores": scores, "greedy_ids": first_ids, "notes": notes}
+
+
+if __name__ == "__main__":
+    sys.exit(main_common("qwen-edge", measure))
