@@ -26,8 +26,12 @@ WEIGHTS_FILE = "model.weights"
 GRAPHS = {"prefill": ("sequence", False), "decode": (1, False), "score": ("sequence", True)}
 
 
-def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None) -> Path:
-    """Export checkpoint folder `src` to model folder `out` and return `out`."""
+def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
+           calibration: Path | None = None, calibration_sequences: int = 16) -> Path:
+    """Export checkpoint `src` (a Hugging Face folder or a GGUF file) to model folder `out`; return `out`.
+
+    With spec.method == "calibrated", the float model first runs over `calibration` (a UTF-8 text file;
+    default: the text shipped in export/data) to weigh each matrix's rounding error by its activations."""
     src, out = Path(src), Path(out)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if out.exists() and not force:
@@ -46,7 +50,10 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
         ckpt.write_side_files(tmp)  # first: a checkpoint without a tokenizer fails before the long part
-        graphs, stored = write_graphs(tmp, ckpt, cfg, spec, log)
+        importance = None
+        if spec.method == "calibrated":
+            importance = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
+        graphs, stored = write_graphs(tmp, ckpt, cfg, spec, log, importance)
         manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, stored, time.time() - started)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
@@ -65,12 +72,36 @@ def check_group_sizes(cfg: qwen2.Qwen2Config, group_size: int) -> None:
         check_divides(k, group_size, name, f" (the input dimension of {role})")
 
 
-def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log) -> dict:
+def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences: int, log) -> dict:
+    """Per-matrix input statistics from the float model over the calibration text."""
+    from export.calibrate import activation_stats, default_text, token_batches
+
+    if text_file is None:
+        text = default_text()
+    else:
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArgumentError(f"--calibration {text_file}: expected a readable UTF-8 text file "
+                                f"({e.__class__.__name__})") from None
+    tokens = token_batches(tokenizer_json, text, max_sequences=sequences)
+    t = time.time()
+
+    def progress(done, total):
+        print(f"\rcalibrating: layer {done}/{total} ({time.time() - t:.0f} s)", end="", file=sys.stderr, flush=True)
+
+    stats = activation_stats(ckpt, cfg, tokens, progress)
+    print(file=sys.stderr)
+    log(f"calibration: {tokens.shape[0]} sequences of {tokens.shape[1]} tokens in {time.time() - t:.1f} s")
+    return stats
+
+
+def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log, importance: dict | None = None) -> dict:
     """Build prefill.onnx, decode.onnx and score.onnx over one shared weights file.
 
     Returns ({graph name: ModelProto}, {"file", "quantized", "float", "bytes"} of the weights file)."""
     weights = WeightFile(folder / WEIGHTS_FILE)
-    w = Weights(ckpt, spec, tied=cfg.tie_word_embeddings)
+    w = Weights(ckpt, spec, tied=cfg.tie_word_embeddings, importance=importance)
     graphs = {}
     try:
         for name, (seq, all_logits) in GRAPHS.items():

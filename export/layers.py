@@ -17,9 +17,10 @@ class Weights:
     """Tensors for the graph functions: read lazily from the checkpoint, quantized per the spec, and
     recorded (`self.quantized`, `self.float`) for the manifest."""
 
-    def __init__(self, ckpt: Checkpoint, spec: QuantSpec, tied: bool):
+    def __init__(self, ckpt: Checkpoint, spec: QuantSpec, tied: bool, importance: dict | None = None):
         self.ckpt, self.spec, self.tied = ckpt, spec, tied
-        self.quantized: list[str] = []  # checkpoint tensor names stored as int4/int8
+        self.importance = importance or {}  # matrix name -> mean square of its input channels (calibrated)
+        self.quantized: dict[str, int] = {}  # checkpoint tensor name -> bits, for those stored as int4/int8
         self.float: list[str] = []  # checkpoint tensor names stored as float32
 
     def tensor(self, name: str, shape: tuple) -> np.ndarray:
@@ -33,21 +34,29 @@ def quantized(g: Graph, w: Weights, name: str, n: int, k: int) -> tuple[str, str
     use; zero_points is None when symmetric. The caller references the ones it reads with `g.weight`."""
     names = (f"{name}.weight.qdata", f"{name}.weight.scales", f"{name}.weight.zero_points")
     if names[0] not in g.weights:
-        qw = quantize_weight(w.ckpt.tensor(f"{name}.weight", (n, k)), w.spec.bits, w.spec.group_size,
-                             w.spec.symmetric)
+        method = w.spec.method
+        importance = w.importance.get(name)
+        if method == "calibrated" and importance is None:  # e.g. an untied embedding: no matmul input
+            method = "search"
+        qw = quantize_weight(w.ckpt.tensor(f"{name}.weight", (n, k)), w.spec.bits_for(name, w.tied),
+                             w.spec.group_size, w.spec.symmetric, method, importance)
         g.weights.add(names[0], qw.packed)
         g.weights.add(names[1], qw.scales)
         if qw.zero_points is not None:
             g.weights.add(names[2], qw.zero_points)
-        w.quantized.append(f"{name}.weight")
+        w.quantized[f"{name}.weight"] = qw.bits
     return tuple(n_ if n_ in g.weights else None for n_ in names)
+
+
+def bits_of(w: Weights, name: str) -> int:
+    return w.quantized[f"{name}.weight"]
 
 
 def matmul_nbits(g: Graph, w: Weights, name: str, x: str, n: int, k: int, out: str | None = None) -> str:
     """x @ dequant(W).T with MatMulNBits for checkpoint weight `name` [n, k]."""
     data, scales, zp = quantized(g, w, name, n, k)
     return g.op("MatMulNBits", x, g.weight(data), g.weight(scales), zp and g.weight(zp), domain=MS, K=k, N=n,
-                bits=w.spec.bits, block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level, out=out)
+                bits=bits_of(w, name), block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level, out=out)
 
 
 def linear(g: Graph, w: Weights, name: str, x: str, n: int, k: int, bias: bool = False) -> str:
@@ -73,8 +82,9 @@ def embedding(g: Graph, w: Weights, name: str, vocab: int, hidden: int, ids: str
         return g.op("Gather", float_matrix(g, w, name, vocab, hidden), ids)
     data, scales, zp = quantized(g, w, name, vocab, hidden)
     # GatherBlockQuantized reads the MatMulNBits blob [V, H/group, group*bits/8] as [V, H*bits/8].
-    rows = g.weight_view(f"{name}.weight.qrows", data, (vocab, hidden * w.spec.bits // 8), np.uint8)
-    return g.op("GatherBlockQuantized", rows, ids, g.weight(scales), zp and g.weight(zp), domain=MS, bits=w.spec.bits,
+    bits = bits_of(w, name)
+    rows = g.weight_view(f"{name}.weight.qrows", data, (vocab, hidden * bits // 8), np.uint8)
+    return g.op("GatherBlockQuantized", rows, ids, g.weight(scales), zp and g.weight(zp), domain=MS, bits=bits,
                 block_size=w.spec.group_size, gather_axis=0, quantize_axis=1)
 
 

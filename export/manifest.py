@@ -33,8 +33,10 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "group_size": spec.group_size if spec.quantized else None,
             "symmetric": spec.symmetric if spec.quantized else None,
             "accuracy_level": spec.accuracy_level if spec.quantized else None,
-            "method": "rtn" if spec.quantized else "none",
-            "quantized_tensors": stored["quantized"],
+            "method": spec.method if spec.quantized else "none",
+            "lm_head_bits": spec.bits_for("lm_head", cfg.tie_word_embeddings) if spec.quantized else None,
+            "quantized_tensors": stored["quantized"],  # name -> bits
+            "quantized_bytes_by_bits": bytes_by_bits(stored),
             "float_tensors": stored["float"],
             "embedding": "GatherBlockQuantized" if spec.quantized else "Gather",
             "tied_embeddings": cfg.tie_word_embeddings,
@@ -62,6 +64,16 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
         "export": {"source": str(source), "seconds": round(export_seconds, 1)},
         "files": file_hashes(folder),
     }
+
+
+def bytes_by_bits(stored: dict) -> dict:
+    """Bytes on disk (codes, scales, zero points) of the quantized matrices, per bit width: the cost of
+    mixed precision in plain numbers."""
+    out = {}
+    for name, bits in stored["quantized"].items():
+        size = sum(n for key, n in stored["bytes"].items() if key.startswith(name + "."))
+        out[str(bits)] = out.get(str(bits), 0) + size
+    return out
 
 
 def optional_json(path: Path) -> dict:

@@ -54,8 +54,14 @@ def check_divides(k: int, group_size: int, name: str = "K", role: str = "") -> N
         raise ArgumentError(f"--group-size {group_size} does not divide {name} = {k}{role}")
 
 
-def quantize(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True):
-    """Round-to-nearest group quantization of a [N, K] weight.
+METHODS = ("rtn", "search", "calibrated")
+
+
+def quantize(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True, method: str = "rtn",
+             importance: np.ndarray | None = None):
+    """Group quantization of a [N, K] weight: round to nearest ("rtn"), or a per-group search for the
+    scale (and zero point) with the least squared error ("search"; "calibrated" is the same search with
+    each input column's error weighted by `importance`, the mean square of its activation).
 
     Returns (q, scales, zero_points): q uint8 [N, K/group, group] in [0, 2^bits-1], scales float32
     [N, K/group], zero_points uint8 [N, K/group] (the implicit 2^(bits-1) when symmetric).
@@ -65,6 +71,10 @@ def quantize(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True):
     n, k = w.shape
     check_divides(k, group_size)
     g = w.astype(np.float32, copy=False).reshape(n, k // group_size, group_size)
+    if method != "rtn":
+        weight = None if importance is None else importance.astype(np.float32).reshape(1, k // group_size, group_size)
+        search = search_symmetric if symmetric else search_asymmetric
+        return search(g, bits, weight)
     qmax = (1 << bits) - 1
     if symmetric:
         zero = np.full(g.shape[:2], 1 << (bits - 1), dtype=np.float32)
@@ -77,6 +87,63 @@ def quantize(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True):
     scales = np.where(scales == 0, 1.0, scales).astype(np.float32)  # an all-zero group stays exact
     q = np.clip(np.round(g / scales[..., None]) + zero[..., None], 0, qmax)
     return q.astype(np.uint8), scales, zero.astype(np.uint8)
+
+
+def _refit_scale(g, c, weight):
+    """Least-squares scale per group for fixed integer offsets c = q - zero: argmin_s Σ weight (g - s c)²."""
+    wc = c if weight is None else c * weight
+    num, den = (wc * g).sum(axis=-1), (wc * c).sum(axis=-1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1), 1.0)
+
+
+def _error(g, s, c, weight):
+    e = np.square(g - s[..., None] * c)
+    return (e if weight is None else e * weight).sum(axis=-1)
+
+
+def search_symmetric(g: np.ndarray, bits: int, weight=None):
+    """Symmetric: try mapping each group's largest-magnitude value to levels from qmax-2 to the extra
+    negative level -(qmax+1) (llama.cpp's make_qx_quants idea), refit the scale by least squares, keep the
+    candidate with the least (weighted) squared error. The scale may be negative."""
+    half = 1 << (bits - 1)
+    amax = np.take_along_axis(g, np.abs(g).argmax(axis=-1)[..., None], axis=-1)[..., 0]  # signed
+    safe = np.where(amax == 0, 1.0, amax)
+    best_err = np.full(g.shape[:2], np.inf, dtype=np.float32)
+    best_s = np.ones(g.shape[:2], dtype=np.float32)
+    best_c = np.zeros(g.shape, dtype=np.int8)
+    for level in np.arange(half - 2.5, half + 0.51, 0.5):  # e.g. 4-bit: 5.5, 6, … 8.5
+        c = np.clip(np.round(g * (-level / safe)[..., None]), -half, half - 1)
+        s = _refit_scale(g, c, weight)
+        err = _error(g, s, c, weight)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_c = np.where(better[..., None], c, best_c)
+    best_s = np.where(best_s == 0, 1.0, best_s).astype(np.float32)
+    zero = np.full(g.shape[:2], half, dtype=np.uint8)
+    return (best_c + half).astype(np.uint8), best_s, zero
+
+
+def search_asymmetric(g: np.ndarray, bits: int, weight=None):
+    """Asymmetric: shrink the [min, max] range by factors 1, 0.95, … 0.75, place an integer zero point,
+    refit the scale by least squares, keep the candidate with the least (weighted) squared error."""
+    qmax = (1 << bits) - 1
+    lo0, hi0 = np.minimum(g.min(axis=-1), 0.0), np.maximum(g.max(axis=-1), 0.0)
+    best_err = np.full(g.shape[:2], np.inf, dtype=np.float32)
+    best = (np.ones(g.shape[:2], np.float32), np.zeros(g.shape[:2], np.float32), np.zeros(g.shape, np.uint8))
+    for shrink in np.linspace(1.0, 0.75, 6):
+        span = (hi0 - lo0) * shrink
+        s0 = np.where(span > 0, span / qmax, 1.0)
+        zero = np.clip(np.round(-lo0 * shrink / s0), 0, qmax)
+        q = np.clip(np.round(g / s0[..., None]) + zero[..., None], 0, qmax)
+        c = q - zero[..., None]
+        s = _refit_scale(g, c, weight)
+        err = _error(g, s, c, weight)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (np.where(better, s, best[0]), np.where(better, zero, best[1]), np.where(better[..., None], q, best[2]))
+    s, zero, q = best
+    return q.astype(np.uint8), np.where(s == 0, 1.0, s).astype(np.float32), zero.astype(np.uint8)
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> np.ndarray:
@@ -98,9 +165,13 @@ def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
     return q[..., :count]
 
 
-def quantize_weight(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True) -> QuantizedWeight:
-    """Quantize a [N, K] weight and pack it for MatMulNBits."""
-    q, scales, zero = quantize(w, bits, group_size, symmetric)
+def quantize_weight(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True, method: str = "rtn",
+                    importance: np.ndarray | None = None) -> QuantizedWeight:
+    """Quantize a [N, K] weight and pack it for MatMulNBits (in row chunks, to bound the search's memory)."""
+    rows = max(1, (1 << 22) // w.shape[1])
+    parts = [quantize(w[r:r + rows], bits, group_size, symmetric, method, importance)
+             for r in range(0, w.shape[0], rows)]
+    q, scales, zero = (np.concatenate(p) for p in zip(*parts))
     packed = pack_nibbles(q) if bits == 4 else q
     zp = None
     if not symmetric:
@@ -123,21 +194,40 @@ def dequantize_weight(qw: QuantizedWeight) -> np.ndarray:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How an export stores its matrices: bits 4 or 8 (MatMulNBits), or 32 (float32, the reference)."""
+    """How an export stores its matrices: bits 4 or 8 (MatMulNBits), or 32 (float32, the reference).
+
+    Mixed precision: the lm_head (and a tied embedding, which shares its blob) may use other bits than the
+    layers, and so may an untied embedding."""
 
     bits: int = 4
     group_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 0  # MatMulNBits: 0 = exact fp32 compute, 4 = int8 activations (faster on CPU)
+    method: str = "rtn"  # see METHODS
+    lm_head_bits: int | None = None  # None: same as bits
+    embed_bits: int | None = None  # untied embedding; None: same as bits
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS + (32,):
             raise ArgumentError(f"--bits {self.bits}: expected 4, 8 or 32")
+        for name, value in (("--lm-head-bits", self.lm_head_bits), ("--embed-bits", self.embed_bits)):
+            if value is not None and (value not in SUPPORTED_BITS or self.bits == 32):
+                raise ArgumentError(f"{name} {value}: expected 4 or 8, with --bits 4 or 8")
         if self.bits != 32:
             check_group_size(self.group_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ArgumentError(f"--accuracy-level {self.accuracy_level}: expected 0 to 4")
+        if self.method not in METHODS:
+            raise ArgumentError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
 
     @property
     def quantized(self) -> bool:
         return self.bits != 32
+
+    def bits_for(self, name: str, tied: bool) -> int:
+        """Bits of checkpoint matrix `name` (without .weight)."""
+        if name == "lm_head" or (tied and name == "model.embed_tokens"):
+            return self.lm_head_bits or self.bits
+        if name == "model.embed_tokens":
+            return self.embed_bits or self.bits
+        return self.bits

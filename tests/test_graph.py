@@ -16,16 +16,21 @@ def run(model, ids_rows, masks, cache, graph):
     return model._step(graph, np.array(ids_rows, dtype=np.int64), np.array(masks, dtype=np.int64), cache)
 
 
-def dequantized_oracle(folder, bits, group_size, symmetric):
-    """The oracle with every matrix the export quantizes replaced by its dequantized value."""
+def dequantized_oracle(folder, bits, group_size, symmetric, method="rtn", bits_for=None):
+    """The oracle with every matrix the export quantizes replaced by its dequantized value
+    (`bits_for`: matrix name -> bits where they differ from `bits`)."""
     ref = oracle(folder)
-    q = lambda w: torch.from_numpy(dequantize_weight(quantize_weight(w.detach().numpy(), bits, group_size, symmetric)))
+
+    def q(w, name):
+        b = (bits_for or {}).get(name, bits)
+        return torch.from_numpy(dequantize_weight(quantize_weight(w.detach().numpy(), b, group_size, symmetric,
+                                                                  method)))
     with torch.no_grad():
         for name, module in ref.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(q(module.weight))
+                module.weight.copy_(q(module.weight, name))
         if not ref.config.tie_word_embeddings:  # tied: lm_head above already rewrote the shared table
-            ref.model.embed_tokens.weight.copy_(q(ref.model.embed_tokens.weight))
+            ref.model.embed_tokens.weight.copy_(q(ref.model.embed_tokens.weight, "model.embed_tokens"))
     return ref
 
 

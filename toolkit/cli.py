@@ -27,9 +27,19 @@ def cli():
 @click.option("--asymmetric", is_flag=True, help="per-group zero points (default: symmetric)")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits compute: 0 exact float32, 4 int8 activations (faster on CPU)")
+@click.option("--method", type=click.Choice(["rtn", "search", "calibrated"]), default="rtn", show_default=True,
+              help="rtn: round to nearest; search: least-squares scale search per group; calibrated: the search "
+                   "weighted by activations of the float model on a calibration text")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="bits of the lm_head (and of a tied embedding); default: --bits")
+@click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None,
+              help="bits of an untied embedding table; default: --bits")
+@click.option("--calibration", type=click.Path(path_type=str), default=None,
+              help="UTF-8 text for --method calibrated (default: the text shipped with qwen-edge)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
-def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, force):
-    """Convert the Hugging Face Qwen2 folder SRC into the model folder OUT."""
+def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, lm_head_bits, embed_bits,
+               calibration, force):
+    """Convert SRC (a Hugging Face Qwen2 folder or a GGUF file) into the model folder OUT."""
     try:
         from export import QuantSpec, export
     except ImportError as e:
@@ -37,8 +47,10 @@ def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, force):
                             "pip install 'qwen-edge[export]'") from None
     from pathlib import Path
 
-    spec = QuantSpec(bits=int(bits), group_size=group_size, symmetric=not asymmetric, accuracy_level=accuracy_level)
-    export(Path(src), Path(out), spec, force=force)
+    spec = QuantSpec(bits=int(bits), group_size=group_size, symmetric=not asymmetric, accuracy_level=accuracy_level,
+                     method=method, lm_head_bits=lm_head_bits and int(lm_head_bits),
+                     embed_bits=embed_bits and int(embed_bits))
+    export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration))
 
 
 def model_options(f):

@@ -1,0 +1,99 @@
+"""Activation statistics for calibrated quantization: the mean square of every input channel of every
+matrix, from the float model run over calibration text (llama.cpp calls this the importance matrix).
+
+The model runs layer by layer in numpy over all calibration sequences at once, so only one layer's float
+weights are in memory at a time. A channel that carries large activations makes its weight column's
+rounding error cost more at the output; `quantize(..., method="calibrated")` weighs the error that way.
+"""
+from importlib import resources
+
+import numpy as np
+
+from toolkit.errors import ArgumentError
+
+DEFAULT_TEXT = "calibration.txt"  # ships with the package: see export/data/README.md
+
+
+def default_text() -> str:
+    return resources.files("export").joinpath("data", DEFAULT_TEXT).read_text(encoding="utf-8")
+
+
+def token_batches(tokenizer_json, text: str, seq_len: int = 256, max_sequences: int = 32) -> np.ndarray:
+    """Calibration token ids [n_sequences, seq_len]: consecutive slices of the tokenized text."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
+    n = min(len(ids) // seq_len, max_sequences)
+    if n < 1:
+        raise ArgumentError(f"--calibration text: {len(ids)} tokens; expected at least {seq_len}")
+    return np.array(ids[:n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+def rms_norm(x, weight, eps):
+    return x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps) * weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float):
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64) / head_dim)
+    freqs = np.arange(seq_len, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)  # [S, D]; float64 would halve speed
+
+
+def rope(x, cos, sin):  # x [B, n, S, D]
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention(x, get, p, cfg, cos, sin):
+    """Causal grouped-query attention of one layer (no cache); returns the input of o_proj [B, S, nh*D]."""
+    B, S, H = x.shape
+    nh, kvh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def proj(name, n):
+        y = x @ get(f"{p}.{name}.weight", (n * D, H)).T + get(f"{p}.{name}.bias", (n * D,))
+        return y.reshape(B, S, n, D).transpose(0, 2, 1, 3)
+
+    q, k, v = rope(proj("q_proj", nh), cos, sin), rope(proj("k_proj", kvh), cos, sin), proj("v_proj", kvh)
+    q = q.reshape(B, kvh, nh // kvh * S, D) / np.sqrt(D)
+    scores = q @ k.transpose(0, 1, 3, 2)  # [B, kvh, rep*S, S]
+    causal = np.tile(np.triu(np.full((S, S), -np.inf, dtype=np.float32), 1), (nh // kvh, 1))
+    scores = scores + causal
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    y = (probs @ v).reshape(B, nh, S, D).transpose(0, 2, 1, 3)
+    return y.reshape(B, S, nh * D)
+
+
+def activation_stats(ckpt, cfg, tokens: np.ndarray, progress=None) -> dict:
+    """{checkpoint matrix name (without .weight): mean square of its input per channel, float32 [K]}."""
+    get = ckpt.tensor
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    stats = {}
+
+    def record(names, x):
+        ms = np.mean(np.square(x.reshape(-1, x.shape[-1]), dtype=np.float64), axis=0).astype(np.float32)
+        for name in names:
+            stats[name] = ms
+
+    h = get("model.embed_tokens.weight", (cfg.vocab_size, H))[tokens]  # [B, S, H]
+    cos, sin = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        x = rms_norm(h, get(f"{p}.input_layernorm.weight", (H,)), cfg.rms_norm_eps)
+        record([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")], x)
+        a = attention(x, get, f"{p}.self_attn", cfg, cos, sin)
+        record([f"{p}.self_attn.o_proj"], a)
+        h = h + a @ get(f"{p}.self_attn.o_proj.weight", (H, cfg.num_attention_heads * cfg.head_dim)).T
+        x = rms_norm(h, get(f"{p}.post_attention_layernorm.weight", (H,)), cfg.rms_norm_eps)
+        record([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], x)
+        gate = x @ get(f"{p}.mlp.gate_proj.weight", (I, H)).T
+        m = gate / (1 + np.exp(-gate)) * (x @ get(f"{p}.mlp.up_proj.weight", (I, H)).T)
+        record([f"{p}.mlp.down_proj"], m)
+        h = h + m @ get(f"{p}.mlp.down_proj.weight", (H, I)).T
+        if progress:
+            progress(i + 1, cfg.num_hidden_layers)
+    final = rms_norm(h, get("model.norm.weight", (H,)), cfg.rms_norm_eps)
+    record(["lm_head", "model.embed_tokens"] if cfg.tie_word_embeddings else ["lm_head"], final)
+    return stats
