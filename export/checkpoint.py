@@ -97,15 +97,18 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self._where
 
-    def tensor(self, name: str, shape: tuple) -> np.ndarray:
-        """Tensor `name` as float32, checked against the shape the config implies."""
+    def check(self, name: str, shape: tuple) -> None:
+        """Raise ModelFolderError unless tensor `name` exists with `shape` (reads only the header)."""
         if name not in self._where:
             raise ModelFolderError(f"{self.folder}: tensor {name} is missing (expected shape {list(shape)})")
-        t = self._where[name].get(name)
-        if tuple(t.shape) != tuple(shape):
-            raise ModelFolderError(f"{self.folder}: tensor {name} has shape {list(t.shape)}, "
-                                   f"expected {list(shape)}")
-        return t
+        got = tuple(self._where[name].header[name]["shape"])
+        if got != tuple(shape):
+            raise ModelFolderError(f"{self.folder}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+
+    def tensor(self, name: str, shape: tuple) -> np.ndarray:
+        """Tensor `name` as float32, checked against the shape the config implies."""
+        self.check(name, shape)
+        return self._where[name].get(name)
 
     def write_side_files(self, dest: Path) -> None:
         """Copy the tokenizer, chat template and generation files into the model folder `dest`."""

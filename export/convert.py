@@ -42,6 +42,8 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     cfg = qwen2.Qwen2Config.from_dict(ckpt.config, str(src if src.is_file() else src / "config.json"))
     if spec.quantized:
         check_group_sizes(cfg, spec.group_size)
+    for name, shape in qwen2.expected_tensors(cfg).items():  # every missing or mis-shaped tensor, up front
+        ckpt.check(name, shape)
 
     started = time.time()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
@@ -90,8 +92,10 @@ def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences
     def progress(done, total):
         print(f"\rcalibrating: layer {done}/{total} ({time.time() - t:.0f} s)", end="", file=sys.stderr, flush=True)
 
-    stats = activation_stats(ckpt, cfg, tokens, progress)
-    print(file=sys.stderr)
+    try:
+        stats = activation_stats(ckpt, cfg, tokens, progress)
+    finally:
+        print(file=sys.stderr)  # end the progress line, also when calibration fails
     log(f"calibration: {tokens.shape[0]} sequences of {tokens.shape[1]} tokens in {time.time() - t:.1f} s")
     return stats
 

@@ -92,14 +92,22 @@ class GGUFCheckpoint:
     def has(self, name: str) -> bool:
         return gguf_name(name) in self.tensors
 
-    def tensor(self, name: str, shape: tuple):
-        """Tensor `name` (Hugging Face naming) dequantized to float32, checked against `shape`."""
-        from gguf.quants import dequantize
-
+    def check(self, name: str, shape: tuple) -> None:
+        """Raise ModelFolderError unless tensor `name` exists with `shape` (GGUF lists dims innermost first)."""
         t = self.tensors.get(gguf_name(name))
         if t is None:
             raise ModelFolderError(f"{self.path}: tensor {gguf_name(name)} ({name}) is missing "
                                    f"(expected shape {list(shape)})")
+        got = tuple(int(d) for d in reversed(t.shape))
+        if got != tuple(shape):
+            raise ModelFolderError(f"{self.path}: tensor {t.name} has shape {list(got)}, expected {list(shape)}")
+
+    def tensor(self, name: str, shape: tuple):
+        """Tensor `name` (Hugging Face naming) dequantized to float32, checked against `shape`."""
+        from gguf.quants import dequantize
+
+        self.check(name, shape)
+        t = self.tensors[gguf_name(name)]
         try:
             w = dequantize(t.data, t.tensor_type).astype("float32", copy=False)
         except NotImplementedError:

@@ -61,6 +61,25 @@ class Qwen2Config:
         return cfg
 
 
+def expected_tensors(cfg: Qwen2Config) -> dict[str, tuple]:
+    """Every checkpoint tensor the graphs read, with its shape (lm_head only when untied)."""
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, H)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        for name, n in (("q_proj", nh * D), ("k_proj", kvh * D), ("v_proj", kvh * D)):
+            out[f"{p}.self_attn.{name}.weight"] = (n, H)
+            out[f"{p}.self_attn.{name}.bias"] = (n,)
+        out[f"{p}.self_attn.o_proj.weight"] = (H, nh * D)
+        out |= {f"{p}.mlp.gate_proj.weight": (I, H), f"{p}.mlp.up_proj.weight": (I, H),
+                f"{p}.mlp.down_proj.weight": (H, I), f"{p}.input_layernorm.weight": (H,),
+                f"{p}.post_attention_layernorm.weight": (H,)}
+    return out
+
+
 def kv_names(layer: int) -> tuple[str, str, str, str]:
     """(past key, past value, present key, present value) graph names of one layer's cache."""
     return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",

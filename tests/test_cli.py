@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tiny import make_checkpoint
 
 EXE = str(Path(sys.executable).parent / "qwen-edge")
 

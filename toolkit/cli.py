@@ -24,14 +24,16 @@ def cli():
               help="4 or 8: MatMulNBits weights; 32: float32 (the reference)")
 @click.option("--group-size", type=int, default=32, show_default=True,
               help="weights per scale along the input dimension (power of two, 16..256)")
-@click.option("--asymmetric", is_flag=True, help="per-group zero points (default: symmetric)")
+@click.option("--asymmetric/--symmetric", default=None,
+              help="per-group zero points or not (default: asymmetric at 4 bits, symmetric at 8)")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits compute: 0 exact float32, 4 int8 activations (faster on CPU)")
-@click.option("--method", type=click.Choice(["rtn", "search", "calibrated"]), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice(["rtn", "search", "calibrated"]), default=None,
               help="rtn: round to nearest; search: least-squares scale search per group; calibrated: the search "
-                   "weighted by activations of the float model on a calibration text")
+                   "weighted by activations of the float model on a calibration text "
+                   "(default: calibrated at 4 bits, rtn at 8)")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
-              help="bits of the lm_head (and of a tied embedding); default: --bits")
+              help="bits of the lm_head (and of a tied embedding); default: 8")
 @click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None,
               help="bits of an untied embedding table; default: --bits")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
@@ -47,9 +49,10 @@ def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, l
                             "pip install 'qwen-edge[export]'") from None
     from pathlib import Path
 
-    spec = QuantSpec(bits=int(bits), group_size=group_size, symmetric=not asymmetric, accuracy_level=accuracy_level,
-                     method=method, lm_head_bits=lm_head_bits and int(lm_head_bits),
-                     embed_bits=embed_bits and int(embed_bits))
+    spec = QuantSpec.recommended(int(bits), group_size=group_size, accuracy_level=accuracy_level,
+                                 symmetric=None if asymmetric is None else not asymmetric, method=method,
+                                 lm_head_bits=lm_head_bits and int(lm_head_bits),
+                                 embed_bits=embed_bits and int(embed_bits))
     export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration))
 
 

@@ -38,6 +38,6 @@ def describe(manifest: Manifest) -> str:
         f"end tokens  {manifest['eos_token_ids']}   pad {manifest.get('pad_token_id')}",
         f"sampling    {manifest.get('generation') or 'greedy'}",
         f"template    {'chat template present' if manifest.get('chat_template') else 'none (raw prompts only)'}",
-        f"files       " + ", ".join(f"{n} ({mib(f['bytes'])})" for n, f in manifest["files"].items()),
+        "files       " + ", ".join(f"{n} ({mib(f['bytes'])})" for n, f in manifest["files"].items()),
     ]
     return "\n".join(lines)

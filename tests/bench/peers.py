@@ -40,7 +40,7 @@ BASELINE = "qwen-edge int4"
 def rows(peers: Path, work: Path) -> list[dict]:
     """label, runner, variant, model path and python of every row, in table order."""
     ours = [dict(label=f"qwen-edge {v}", runner="peer_qwen_edge.py", variant=v, model=work / f"qwen-edge-{v}",
-                 python=sys.executable) for v in ("int4", "int8", "fp32")]
+                 python=sys.executable) for v in OURS]
     theirs = [
         dict(label="onnxruntime-genai int4", runner="peer_genai.py", variant="int4", model=peers / "genai-int4",
              python=peers / "genai" / "bin" / "python"),
@@ -58,13 +58,23 @@ def rows(peers: Path, work: Path) -> list[dict]:
     return ours + theirs
 
 
+OURS = {  # variant -> how `qwen-edge export` makes it
+    "int4": "the defaults (calibrated, asymmetric g32, int8 lm_head)",
+    "int4-rtn": "--method rtn --symmetric --lm-head-bits 4 (what the peers' int4 does)",
+    "int8": "the defaults (rtn, symmetric g32)",
+    "fp32": "--bits 32 (the reference)",
+}
+
+
 def export_ours(work: Path) -> None:
     from export import QuantSpec, export
 
-    for variant, bits in (("int4", 4), ("int8", 8), ("fp32", 32)):
+    specs = {"int4": QuantSpec.recommended(4), "int4-rtn": QuantSpec(bits=4, method="rtn", symmetric=True),
+             "int8": QuantSpec.recommended(8), "fp32": QuantSpec.recommended(32)}
+    for variant, spec in specs.items():
         out = work / f"qwen-edge-{variant}"
         if not (out / "qwen-edge.json").exists():
-            export(SAMPLE_GGUF, out, QuantSpec(bits=bits), force=True)
+            export(SAMPLE_GGUF, out, spec, force=True)
 
 
 def prepare_inputs(work: Path) -> tuple[Path, dict]:
@@ -195,6 +205,8 @@ def main():
               f"Texts: tests/data/prose.txt and code.txt, windows of {WINDOW} with stride {STRIDE}; KL and top-1 "
               "against qwen-edge fp32. Ratios in parentheses are to qwen-edge int4.")
     print(header + "\n\n" + table(results))
+    for variant, how in OURS.items():
+        print(f"- qwen-edge {variant}: {how}")
     for label, r in results.items():
         for note in r.get("notes", []) if r.get("ok") else []:
             print(f"- {label}: {note}")
