@@ -56,7 +56,8 @@ def matmul_nbits(g: Graph, w: Weights, name: str, x: str, n: int, k: int, out: s
     """x @ dequant(W).T with MatMulNBits for checkpoint weight `name` [n, k]."""
     data, scales, zp = quantized(g, w, name, n, k)
     return g.op("MatMulNBits", x, g.weight(data), g.weight(scales), zp and g.weight(zp), domain=MS, K=k, N=n,
-                bits=bits_of(w, name), block_size=w.spec.group_size, accuracy_level=w.spec.accuracy_level, out=out)
+                bits=bits_of(w, name), block_size=w.spec.group_size,
+                accuracy_level=w.spec.accuracy_for(bits_of(w, name)), out=out)
 
 
 def linear(g: Graph, w: Weights, name: str, x: str, n: int, k: int, bias: bool = False) -> str:

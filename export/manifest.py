@@ -32,7 +32,8 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "bits": spec.bits,
             "group_size": spec.group_size if spec.quantized else None,
             "symmetric": spec.symmetric if spec.quantized else None,
-            "accuracy_level": spec.accuracy_level if spec.quantized else None,
+            "accuracy_level": spec.accuracy_level if spec.quantized else None,  # of the int4 matrices
+            "accuracy_level_int8": spec.int8_accuracy_level if spec.quantized else None,  # QuantSpec.accuracy_for
             "method": spec.method if spec.quantized else "none",
             "lm_head_bits": spec.bits_for("lm_head", cfg.tie_word_embeddings) if spec.quantized else None,
             "quantized_tensors": stored["quantized"],  # name -> bits

@@ -72,7 +72,8 @@ def test_calibration_statistics_match_the_oracles_activations(checkpoint):
 
 
 def test_mixed_precision_export_matches_the_oracle_and_says_so(checkpoint, tmp_path):
-    spec = QuantSpec(bits=4, group_size=16, symmetric=False, method="search", lm_head_bits=8, embed_bits=8)
+    spec = QuantSpec(bits=4, group_size=16, symmetric=False, method="search", lm_head_bits=8, embed_bits=8,
+                     int8_accuracy_level=0)
     folder = export(checkpoint("untied_bf16"), tmp_path / "m", spec, log=lambda m: None)
     man = toolkit.load(folder).manifest
     q = man["quantization"]
@@ -95,3 +96,14 @@ def test_calibrated_export_runs_on_a_given_text(checkpoint, tmp_path):
     model = toolkit.load(folder)
     assert model.manifest["quantization"]["method"] == "calibrated"
     assert isinstance(model.generate("def", max_new_tokens=4, temperature=0), str)
+
+
+def test_int8_matrices_default_to_the_fast_kernel(checkpoint, tmp_path):
+    """onnxruntime's CPU MatMulNBits has a fast 8-bit kernel only at accuracy level 4."""
+    import onnx
+
+    folder = export(checkpoint("tied_fp32"), tmp_path / "m", QuantSpec.recommended(4), log=lambda m: None)
+    levels = {(a.i) for n in onnx.load(folder / "decode.onnx", load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0, 4}  # int4 layers exact, the int8 lm_head on the int8 kernel
+    assert toolkit.load(folder).manifest["quantization"]["accuracy_level_int8"] == 4
