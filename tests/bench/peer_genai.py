@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from runner_common import disk_bytes, load_windows, main_common, peak_rss_bytes, score_windows, stats
+from runner_common import load_windows, main_common, peak_rss_bytes, result, score_windows
 
 PEER = "onnxruntime-genai"
 VOCAB = 151936
@@ -130,9 +130,7 @@ def measure(args):
         for name, wids, wins, ref in (load_windows(s) for s in args.score):
             scores[name] = score_windows(logits_fn, wids, wins, ref, notes)
         del sess
-    return {"version": og.__version__, "disk_bytes": disk_bytes(model_dir), "peak_rss_bytes": rss, "load_s": load_s,
-            "ttft_s": stats(ttft), "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec), "scores": scores,
-            "greedy_ids": first_ids, "notes": notes}
+    return result(og.__version__, model_dir, rss, load_s, ttft, pre, dec, scores, first_ids, notes)
 
 
 def matmulnbits_attrs(model_dir):

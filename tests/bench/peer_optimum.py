@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from runner_common import disk_bytes, load_windows, main_common, peak_rss_bytes, score_windows, stats
+from runner_common import load_windows, main_common, peak_rss_bytes, result, score_windows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -90,9 +90,7 @@ def measure(args):
 
         for name, wids, wins, ref in (load_windows(s) for s in args.score):
             scores[name] = score_windows(logits_fn, wids, wins, ref, notes)
-    return {"version": version("optimum-onnx"), "disk_bytes": disk_bytes(model_dir), "peak_rss_bytes": rss,
-            "load_s": load_s, "ttft_s": stats(ttft), "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec),
-            "scores": scores, "greedy_ids": first_ids, "notes": notes}
+    return result(version("optimum-onnx"), model_dir, rss, load_s, ttft, pre, dec, scores, first_ids, notes)
 
 
 if __name__ == "__main__":

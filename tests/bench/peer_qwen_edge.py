@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner_common import disk_bytes, load_windows, main_common, peak_rss_bytes, score_windows, stats
+from runner_common import load_windows, main_common, peak_rss_bytes, result, score_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -53,9 +53,8 @@ def measure(args):
             x = np.array([list(window)], dtype=np.int64)
             return model.forward("score", x, np.ones_like(x), model.new_cache(1))[0]
         scores[name] = score_windows(logits_fn, wids, wins, ref, notes)
-    return {"version": toolkit.__version__, "disk_bytes": disk_bytes(args.model), "peak_rss_bytes": rss,
-            "load_s": load_s, "ttft_s": stats(ttft), "prefill_tok_s": stats([len(ids) / s for s in ttft]),
-            "decode_tok_s": stats(dec), "scores": scores, "greedy_ids": first_ids, "notes": notes}
+    return result(toolkit.__version__, args.model, rss, load_s, ttft, [len(ids) / s for s in ttft], dec, scores,
+                  first_ids, notes)
 
 
 if __name__ == "__main__":

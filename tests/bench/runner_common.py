@@ -36,6 +36,13 @@ def stats(xs):
     return {"median": float(statistics.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
 
 
+def result(version, model_path, rss, load_s, ttft, prefill, decode, scores, greedy_ids, notes) -> dict:
+    """The measurement part of a result.json, in the contract's field names (lists are per run)."""
+    return {"version": version, "disk_bytes": disk_bytes(model_path), "peak_rss_bytes": rss, "load_s": load_s,
+            "ttft_s": stats(ttft), "prefill_tok_s": stats(prefill), "decode_tok_s": stats(decode),
+            "scores": scores, "greedy_ids": greedy_ids, "notes": notes}
+
+
 def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
