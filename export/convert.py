@@ -41,7 +41,8 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     ckpt = open_checkpoint(src)
     cfg = qwen2.Qwen2Config.from_dict(ckpt.config, str(src if src.is_file() else src / "config.json"))
     if spec.quantized:
-        check_group_sizes(cfg, spec.group_size)
+        spec = spec.fit(cfg.hidden_size)
+        check_group_sizes(cfg, spec)
     for name, shape in qwen2.expected_tensors(cfg).items():  # every missing or mis-shaped tensor, up front
         ckpt.check(name, shape)
 
@@ -66,12 +67,19 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     return out
 
 
-def check_group_sizes(cfg: qwen2.Qwen2Config, group_size: int) -> None:
-    """Every quantized matrix's input dimension K must be a multiple of the group size."""
-    for name, k, role in (("hidden_size", cfg.hidden_size, "q/k/v/gate/up_proj and lm_head"),
-                          ("num_attention_heads*head_dim", cfg.num_attention_heads * cfg.head_dim, "o_proj"),
-                          ("intermediate_size", cfg.intermediate_size, "down_proj")):
-        check_divides(k, group_size, name, f" (the input dimension of {role})")
+def check_group_sizes(cfg: qwen2.Qwen2Config, spec: QuantSpec) -> None:
+    """Every quantized matrix's input dimension K must be a multiple of its group size."""
+    tied = cfg.tie_word_embeddings
+    lm_head = "--lm-head-group-size" if spec.lm_head_group_size else "--group-size"
+    embed = "--embed-group-size" if spec.embed_group_size and not tied else lm_head if tied else "--group-size"
+    for name, k, role, group, option in (
+            ("hidden_size", cfg.hidden_size, "q/k/v/gate/up_proj", spec.group_size, "--group-size"),
+            ("hidden_size", cfg.hidden_size, "lm_head", spec.group_for("lm_head", tied), lm_head),
+            ("hidden_size", cfg.hidden_size, "embedding", spec.group_for("model.embed_tokens", tied), embed),
+            ("num_attention_heads*head_dim", cfg.num_attention_heads * cfg.head_dim, "o_proj", spec.group_size,
+             "--group-size"),
+            ("intermediate_size", cfg.intermediate_size, "down_proj", spec.group_size, "--group-size")):
+        check_divides(k, group, name, f" (the input dimension of {role})", option)
 
 
 def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences: int, log) -> dict:
@@ -118,7 +126,8 @@ def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log, importance: dict
             log(f"{name}.onnx: {len(g.nodes)} nodes ({time.time() - t:.1f} s)")
     finally:
         weights.close()
-    stored = {"file": WEIGHTS_FILE, "quantized": w.quantized, "float": w.float, "bytes": dict(weights.nbytes)}
+    stored = {"file": WEIGHTS_FILE, "quantized": w.quantized, "groups": w.groups, "float": w.float,
+              "bytes": dict(weights.nbytes)}
     return graphs, stored
 
 

@@ -21,6 +21,7 @@ class Weights:
         self.ckpt, self.spec, self.tied = ckpt, spec, tied
         self.importance = importance or {}  # matrix name -> mean square of its input channels (calibrated)
         self.quantized: dict[str, int] = {}  # checkpoint tensor name -> bits, for those stored as int4/int8
+        self.groups: dict[str, int] = {}  # checkpoint tensor name -> group size, for the same tensors
         self.float: list[str] = []  # checkpoint tensor names stored as float32
 
     def tensor(self, name: str, shape: tuple) -> np.ndarray:
@@ -39,12 +40,13 @@ def quantized(g: Graph, w: Weights, name: str, n: int, k: int) -> tuple[str, str
         if method == "calibrated" and importance is None:  # e.g. an untied embedding: no matmul input
             method = "search"
         qw = quantize_weight(w.ckpt.tensor(f"{name}.weight", (n, k)), w.spec.bits_for(name, w.tied),
-                             w.spec.group_size, w.spec.symmetric, method, importance)
+                             w.spec.group_for(name, w.tied), w.spec.symmetric, method, importance)
         g.weights.add(names[0], qw.packed)
         g.weights.add(names[1], qw.scales)
         if qw.zero_points is not None:
             g.weights.add(names[2], qw.zero_points)
         w.quantized[f"{name}.weight"] = qw.bits
+        w.groups[f"{name}.weight"] = qw.group_size
     return tuple(n_ if n_ in g.weights else None for n_ in names)
 
 
@@ -56,7 +58,7 @@ def matmul_nbits(g: Graph, w: Weights, name: str, x: str, n: int, k: int, out: s
     """x @ dequant(W).T with MatMulNBits for checkpoint weight `name` [n, k]."""
     data, scales, zp = quantized(g, w, name, n, k)
     return g.op("MatMulNBits", x, g.weight(data), g.weight(scales), zp and g.weight(zp), domain=MS, K=k, N=n,
-                bits=bits_of(w, name), block_size=w.spec.group_size,
+                bits=bits_of(w, name), block_size=w.groups[f"{name}.weight"],
                 accuracy_level=w.spec.accuracy_for(bits_of(w, name)), out=out)
 
 
@@ -86,7 +88,7 @@ def embedding(g: Graph, w: Weights, name: str, vocab: int, hidden: int, ids: str
     bits = bits_of(w, name)
     rows = g.weight_view(f"{name}.weight.qrows", data, (vocab, hidden * bits // 8), np.uint8)
     return g.op("GatherBlockQuantized", rows, ids, g.weight(scales), zp and g.weight(zp), domain=MS, bits=bits,
-                block_size=w.spec.group_size, gather_axis=0, quantize_axis=1)
+                block_size=w.groups[f"{name}.weight"], gather_axis=0, quantize_axis=1)
 
 
 def lm_head(g: Graph, w: Weights, cfg, x: str, out: str) -> str:

@@ -36,7 +36,9 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "accuracy_level_int8": spec.int8_accuracy_level if spec.quantized else None,  # QuantSpec.accuracy_for
             "method": spec.method if spec.quantized else "none",
             "lm_head_bits": spec.bits_for("lm_head", cfg.tie_word_embeddings) if spec.quantized else None,
+            "lm_head_group_size": spec.group_for("lm_head", cfg.tie_word_embeddings) if spec.quantized else None,
             "quantized_tensors": stored["quantized"],  # name -> bits
+            "group_sizes": stored["groups"],  # name -> weights per scale, of the same tensors
             "quantized_bytes_by_bits": bytes_by_bits(stored),
             "float_tensors": stored["float"],
             "embedding": "GatherBlockQuantized" if spec.quantized else "Gather",

@@ -15,7 +15,7 @@ MatMulNBits layout (com.microsoft, bits 4 or 8):
     scales       float [N * K/group]
     zero_points  uint8 [N * ceil(K/group * bits/8)] 4-bit: two zero points per byte, low nibble first
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,17 +41,17 @@ class QuantizedWeight:
         return self.packed.nbytes + self.scales.nbytes + zp
 
 
-def check_group_size(group_size: int) -> None:
+def check_group_size(group_size: int, option: str = "--group-size") -> None:
     """Raise ArgumentError unless group_size is a power of two from 16 to 256."""
-    if group_size < 16 or group_size > 256 or group_size & (group_size - 1):
-        raise ArgumentError(f"--group-size {group_size}: expected a power of two from 16 to 256")
+    if not isinstance(group_size, int) or group_size < 16 or group_size > 256 or group_size & (group_size - 1):
+        raise ArgumentError(f"{option} {group_size}: expected a power of two from 16 to 256")
 
 
-def check_divides(k: int, group_size: int, name: str = "K", role: str = "") -> None:
+def check_divides(k: int, group_size: int, name: str = "K", role: str = "", option: str = "--group-size") -> None:
     """Raise ArgumentError unless group_size divides the input dimension k of `name`."""
-    check_group_size(group_size)
+    check_group_size(group_size, option)
     if k % group_size:
-        raise ArgumentError(f"--group-size {group_size} does not divide {name} = {k}{role}")
+        raise ArgumentError(f"{option} {group_size} does not divide {name} = {k}{role}")
 
 
 METHODS = ("rtn", "search", "calibrated")
@@ -207,6 +207,9 @@ class QuantSpec:
     lm_head_bits: int | None = None  # None: same as bits
     embed_bits: int | None = None  # untied embedding; None: same as bits
     int8_accuracy_level: int = 4  # MatMulNBits level of 8-bit matrices: see accuracy_for
+    lm_head_group_size: int | None = None  # lm_head (and a tied embedding); None: group_size
+    embed_group_size: int | None = None  # untied embedding; None: group_size
+    defaulted: tuple = ()  # names of the group size fields that `recommended` chose: `fit` may shrink them
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS + (32,):
@@ -216,6 +219,10 @@ class QuantSpec:
                 raise ArgumentError(f"{name} {value}: expected 4 or 8, with --bits 4 or 8")
         if self.bits != 32:
             check_group_size(self.group_size)
+            for name, value in (("--lm-head-group-size", self.lm_head_group_size),
+                                ("--embed-group-size", self.embed_group_size)):
+                if value is not None:
+                    check_group_size(value, name)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ArgumentError(f"--accuracy-level {self.accuracy_level}: expected 0 to 4")
         if self.method not in METHODS:
@@ -225,15 +232,29 @@ class QuantSpec:
     def recommended(cls, bits: int, **choices) -> "QuantSpec":
         """The defaults of `qwen-edge export`, where a choice given as None is left to them.
 
-        int4: activation-calibrated search, asymmetric groups of 32, int8 lm_head — on the sample this
-        halves the KL divergence of plain symmetric round-to-nearest (README, Fidelity). int8: plain
-        symmetric round-to-nearest with an int8 lm_head, already within 0.002 nats of float."""
-        defaults = {4: dict(method="calibrated", symmetric=False, lm_head_bits=8),
+        int4: activation-calibrated search, asymmetric groups of 32, an int8 lm_head in groups of 128 and
+        an untied embedding in groups of 64 — on the sample this halves the KL divergence of plain
+        symmetric round-to-nearest g32 with an int8 lm_head, in fewer bytes (README, Fidelity). int8:
+        plain symmetric round-to-nearest, already within 0.002 nats of float."""
+        defaults = {4: dict(method="calibrated", symmetric=False, lm_head_bits=8, lm_head_group_size=128,
+                            embed_group_size=64),
                     8: dict(method="rtn", symmetric=True)}.get(bits, {})
         given = {k: v for k, v in choices.items() if v is not None}
         if bits == 32:
             given.pop("group_size", None)
-        return cls(bits=bits, **(defaults | given))
+        defaulted = tuple(k for k in defaults if k.endswith("group_size") and k not in given)
+        return cls(bits=bits, **(defaults | given), defaulted=defaulted)
+
+    def fit(self, k: int) -> "QuantSpec":
+        """This spec with each defaulted lm_head / embedding group size halved until it divides the hidden
+        size `k` (a small model's 64 is not a multiple of the default 128), never below group_size."""
+        changes = {}
+        for name in self.defaulted:
+            group = getattr(self, name)
+            while group > self.group_size and k % group:
+                group //= 2
+            changes[name] = group
+        return replace(self, **changes) if changes else self
 
     @property
     def quantized(self) -> bool:
@@ -245,6 +266,14 @@ class QuantSpec:
         slower (an int8 lm_head took decode from 26 to 1.4 tok/s on the sample), so 8-bit uses 4 unless
         int8_accuracy_level says otherwise (the tests set 0 to compare with float math exactly)."""
         return self.int8_accuracy_level if bits == 8 else self.accuracy_level
+
+    def group_for(self, name: str, tied: bool) -> int:
+        """Group size of checkpoint matrix `name` (without .weight)."""
+        if name == "lm_head" or (tied and name == "model.embed_tokens"):
+            return self.lm_head_group_size or self.group_size
+        if name == "model.embed_tokens":
+            return self.embed_group_size or self.group_size
+        return self.group_size
 
     def bits_for(self, name: str, tied: bool) -> int:
         """Bits of checkpoint matrix `name` (without .weight)."""

@@ -13,7 +13,8 @@ def describe(manifest: Manifest) -> str:
         weights = "float32 (reference, not quantized)"
     else:
         weights = (f"int{q['bits']} {'symmetric' if q['symmetric'] else 'asymmetric'}, group {q['group_size']}, "
-                   f"method {q.get('method', 'rtn')}, lm_head int{q.get('lm_head_bits') or q['bits']}, "
+                   f"method {q.get('method', 'rtn')}, lm_head int{q.get('lm_head_bits') or q['bits']} "
+                   f"group {q.get('lm_head_group_size') or q['group_size']}, "
                    f"accuracy_level {q['accuracy_level']}; "
                    f"{len(q['quantized_tensors'])} tensors quantized, {len(q['float_tensors'])} float; "
                    f"embedding via {q['embedding']}")

@@ -5,7 +5,8 @@ PPL, bytes, export time (not run in CI).
 
 Each variant is exported from the sample GGUF and scored on tests/data/prose.txt and code.txt against the
 same float32 reference log-probabilities as tests/bench/peers.py (shared windows, shared work folder), so
-its figures line up with the peers' table. Prints a markdown table and writes WORK/fidelity.json.
+its figures line up with the peers' table. Prints a markdown table and writes WORK/fidelity.json (rows of
+variants not selected by --only are kept from earlier runs in the same work folder).
 """
 import argparse
 import json
@@ -30,15 +31,19 @@ VARIANTS = {  # name -> QuantSpec
     "rtn-asym-g32-lm8": QuantSpec(bits=4, method="rtn", symmetric=False, lm_head_bits=8),
     "search-asym-g32-lm8": QuantSpec(bits=4, method="search", symmetric=False, lm_head_bits=8),
     "calibrated-sym-g32-lm8": QuantSpec(bits=4, method="calibrated", symmetric=True, lm_head_bits=8),
-    "calibrated-asym-g32-lm8 (default)": QuantSpec.recommended(4),
+    "calibrated-asym-g32-lm8": QuantSpec(bits=4, method="calibrated", symmetric=False, lm_head_bits=8),
+    "calibrated-asym-g32-lm8g128-e64 (default)": QuantSpec.recommended(4),
     "calibrated-asym-g128-lm8": QuantSpec(bits=4, method="calibrated", symmetric=False, group_size=128,
                                           lm_head_bits=8),
     "int8 rtn-sym-g32 (default)": QuantSpec.recommended(8),
+    "int8 rtn-sym-g16": QuantSpec(bits=8, method="rtn", symmetric=True, group_size=16),
+    "int8 rtn-asym-g32": QuantSpec(bits=8, method="rtn", symmetric=False),
+    "int8 search-sym-g32": QuantSpec(bits=8, method="search", symmetric=True),
 }
 
 
 SAME_AS_PEERS = {  # variants that peers.py already exports into the shared work folder
-    "rtn-sym-g32-lm4": "qwen-edge-int4-rtn", "calibrated-asym-g32-lm8 (default)": "qwen-edge-int4",
+    "rtn-sym-g32-lm4": "qwen-edge-int4-rtn", "calibrated-asym-g32-lm8g128-e64 (default)": "qwen-edge-int4",
     "int8 rtn-sym-g32 (default)": "qwen-edge-int8"}
 
 
@@ -53,7 +58,8 @@ def measure(name: str, spec: QuantSpec, work: Path, scores: dict) -> dict:
     model = toolkit.load(out, preload=False)
     q = model.manifest["quantization"]
     row = {"bits": spec.bits, "method": q["method"], "group_size": q["group_size"], "symmetric": q["symmetric"],
-           "lm_head_bits": q["lm_head_bits"], "weights_bytes": q["weights_bytes"], "export_s": seconds}
+           "lm_head_bits": q["lm_head_bits"], "lm_head_group_size": q.get("lm_head_group_size"),
+           "weights_bytes": q["weights_bytes"], "export_s": seconds}
 
     def logits_fn(window):
         x = np.array([list(window)], dtype=np.int64)
@@ -89,13 +95,17 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     peers.export_ours(args.work)  # the fp32 reference lives there
     _, scores = peers.prepare_inputs(args.work)
-    rows = {name: measure(name, spec, args.work, scores) for name, spec in VARIANTS.items()
-            if not args.only or any(name.startswith(o) for o in args.only)}
+    saved = args.work / "fidelity.json"
+    rows = json.loads(saved.read_text()) if saved.exists() else {}  # earlier runs' rows, re-measured if selected
+    rows = {name: rows[name] for name in VARIANTS if name in rows}
+    rows |= {name: measure(name, spec, args.work, scores) for name, spec in VARIANTS.items()
+             if not args.only or any(name.startswith(o) for o in args.only)}
+    rows = {name: rows[name] for name in VARIANTS if name in rows}
     ref = json.loads((args.work / "score-prose" / "windows.json").read_text())
     print(f"Reference: qwen-edge fp32 export of the sample GGUF; texts: tests/data/prose.txt "
           f"({len(ref['ids'])} tokens) and code.txt; windows {peers.WINDOW}/{peers.STRIDE}.\n")
     print(table(rows))
-    (args.work / "fidelity.json").write_text(json.dumps(rows, indent=1))
+    saved.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
