@@ -1,7 +1,8 @@
 """qwen-edge runtime: load an exported Qwen2 model folder and generate text with ONNX Runtime (no torch)."""
 from toolkit.errors import ArgumentError, ContextOverflowError, ModelFolderError, QwenEdgeError
-from toolkit.model import Completion, Model, load
+from toolkit.model import Completion, Model, Stats, load
+from toolkit.session import ChatSession
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Completion", "QwenEdgeError", "ModelFolderError", "ArgumentError",
+__all__ = ["load", "Model", "ChatSession", "Completion", "Stats", "QwenEdgeError", "ModelFolderError", "ArgumentError",
            "ContextOverflowError", "__version__"]

@@ -30,6 +30,12 @@ class KVCache:
             binding.bind_output(present_k)
             binding.bind_output(present_v)
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions (a chat's shared prefix), dropping the rest."""
+        if length < self.length:
+            self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]))
+                           for v in self.values]
+
     def update(self, presents: list) -> None:
         """Take the presents of a call, in the order `bind` declared them."""
         assert len(presents) == 2 * self.layers

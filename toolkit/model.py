@@ -8,6 +8,8 @@
 Generation: one prefill call over the (left-padded) prompt batch, then one decode call per token, the
 present KV OrtValues of each call bound as the next call's past through IO binding (no numpy copy).
 """
+import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +28,26 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dm
 
 
 @dataclass
+class Stats:
+    """Timing of one generation call (for a batch, of the whole batch)."""
+
+    prompt_tokens: int = 0  # prompt length (the longest row of a batch)
+    reused_tokens: int = 0  # prompt tokens whose KV came from a cache (ChatSession), not prefilled
+    prefill_seconds: float = 0.0  # prefill call: the time to the first token's logits
+    generated_tokens: int = 0  # tokens sampled (per row, the longest)
+    decode_seconds: float = 0.0  # every decode call after the prefill
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return (self.prompt_tokens - self.reused_tokens) / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second of the decode calls (the first token comes from the prefill)."""
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
 class Completion:
     """One generated sequence: its text, the token ids in and out, and why it ended."""
 
@@ -33,10 +55,16 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (end token or stop string) or "length"
+    stats: Stats = field(default_factory=Stats)
 
 
 class Model:
-    """A loaded model folder. Build it with `toolkit.load`."""
+    """A loaded model folder. Build it with `toolkit.load`.
+
+    Threads: every call owns its KV cache and ONNX Runtime sessions are safe to run concurrently, so a
+    Model may be used from several threads at once; calls then share the CPU cores (a server that wants
+    one answer at a time serializes them, as `qwen-edge serve` does). A ChatSession is one conversation:
+    it takes one turn at a time."""
 
     def __init__(self, folder, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
                  verify: bool = False, preload: bool = True):
@@ -57,6 +85,7 @@ class Model:
         self._options = session_options(threads)
         self._providers = [resolve_provider(provider)]
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._load_lock = threading.Lock()
         if preload:  # generation's two graphs, so the first answer does not pay for loading them
             self.session("prefill")
             self.session("decode")
@@ -71,17 +100,21 @@ class Model:
 
     def session(self, name: str) -> ort.InferenceSession:
         """The ONNX Runtime session of graph `name` (prefill, decode; score is loaded on first use)."""
-        if name not in self._sessions:
-            graph = self.manifest["graphs"].get(name)
-            if graph is None:
-                raise ModelFolderError(f"{self.manifest.folder}: has no {name!r} graph (re-export it with this "
-                                       "version of qwen-edge)")
-            path = self.manifest.path(graph["file"])
-            try:
-                self._sessions[name] = ort.InferenceSession(str(path), self._options, providers=self._providers)
-            except Exception as e:  # onnxruntime raises its own exception types for a broken graph
-                raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
+        with self._load_lock:
+            if name not in self._sessions:
+                self._sessions[name] = self._open(name)
         return self._sessions[name]
+
+    def _open(self, name: str) -> ort.InferenceSession:
+        graph = self.manifest["graphs"].get(name)
+        if graph is None:
+            raise ModelFolderError(f"{self.manifest.folder}: has no {name!r} graph (re-export it with this "
+                                   "version of qwen-edge)")
+        path = self.manifest.path(graph["file"])
+        try:
+            return ort.InferenceSession(str(path), self._options, providers=self._providers)
+        except Exception as e:  # onnxruntime raises its own exception types for a broken graph
+            raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
 
     def new_cache(self, batch: int = 1) -> KVCache:
         """An empty KV cache for `batch` sequences."""
@@ -98,7 +131,9 @@ class Model:
 
     def encode(self, prompt, chat: bool | None = None) -> list[int]:
         """Token ids of a prompt: a str is used as is (unless chat=True), a message list goes
-        through the chat template."""
+        through the chat template, a list of ints is taken as token ids."""
+        if is_token_ids(prompt):
+            return [int(t) for t in prompt]
         if isinstance(prompt, str) and not chat:
             return self.tokenizer.encode(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -122,14 +157,30 @@ class Model:
         for _, piece in self._run([self.encode(prompt)], **kwargs):
             yield piece
 
+    def chat(self, messages: list[dict], stream: bool = False, **kwargs):
+        """Answer a chat (a list of {"role", "content"}): the text, or with stream=True an iterator of
+        its pieces. Each call prefills the whole chat; a ChatSession (`model.chat_session()`) keeps the
+        KV cache between turns instead. Options as in `complete`."""
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ArgumentError("messages: expected a list of {'role': ..., 'content': ...} dicts")
+        return self.stream(messages, **kwargs) if stream else self.generate(messages, **kwargs)
+
+    def chat_session(self, system: str | None = None, **defaults):
+        """A multi-turn conversation that reuses its KV cache between turns (see toolkit.ChatSession)."""
+        from toolkit.session import ChatSession
+
+        return ChatSession(self, system=system, **defaults)
+
     def complete(self, prompts: list, max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, stop=()) -> list[Completion]:
-        """Generate for a list of prompts (str or message lists) as one left-padded batch.
+        """Generate for a list of prompts (str, message lists, or lists of token ids) as one left-padded batch.
 
         Sampling options default to the model's generation_config; temperature 0 is greedy. Generation
         of a sequence ends at any of the model's end tokens, at a `stop` string, or after max_new_tokens.
         """
+        if not isinstance(prompts, list) or not prompts:
+            raise ArgumentError("prompts: expected a non-empty list of prompts")
         ids = [self.encode(p) for p in prompts]
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop)
@@ -139,11 +190,18 @@ class Model:
         return out
 
     def _run(self, prompts: list[list[int]], max_new_tokens=256, temperature=None, top_k=None, top_p=None,
-             repetition_penalty=None, seed=None, stop=(), _collect=None) -> Iterator[tuple[int, str]]:
-        """Core loop: yields (row, text piece) as tokens are decoded."""
+             repetition_penalty=None, seed=None, stop=(), _collect=None, cache: KVCache | None = None,
+             stats: Stats | None = None) -> Iterator[tuple[int, str]]:
+        """Core loop: yields (row, text piece) as tokens are decoded.
+
+        `cache`, for one prompt only, holds the KV of the prompt's first `cache.length` tokens (a chat's
+        earlier turns): only the rest is prefilled, and the cache is extended in place, ending with every
+        token fed to the model (the prompt and all generated tokens but the last)."""
         params = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not all(isinstance(s, str) for s in stop):
+            raise ArgumentError(f"stop {stop!r}: expected a string or a list of strings")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ArgumentError(f"max_new_tokens {max_new_tokens}: expected an integer >= 1")
         longest = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
@@ -152,6 +210,8 @@ class Model:
             raise ContextOverflowError(f"prompt: {longest} tokens do not fit max_length {self.max_length} "
                                        "(leave room for at least one new token)")
         max_new_tokens = min(max_new_tokens, self.max_length - longest)
+        stats = stats if stats is not None else Stats()
+        stats.prompt_tokens = longest
 
         batch = len(prompts)
         # one generator per row (seed + row): rows of a batch draw independently and reproducibly
@@ -159,10 +219,19 @@ class Model:
                     for r in range(batch)]
         streams = [TextStream(self.tokenizer, stop) for _ in range(batch)]
         seen = [np.array(p, dtype=np.int64) for p in prompts]
-        input_ids, mask = left_pad(prompts, self.pad_id)
-        cache = KVCache(self.manifest["kv_cache"], batch)
+        if cache is None:
+            cache = KVCache(self.manifest["kv_cache"], batch)
+            input_ids, mask = left_pad(prompts, self.pad_id)
+        else:
+            assert batch == 1 and 0 <= cache.length < longest, "a reused cache must leave a token to prefill"
+            stats.reused_tokens = cache.length
+            input_ids = np.array([prompts[0][cache.length:]], dtype=np.int64)
+            mask = np.ones((1, longest), dtype=np.int64)
+        t = time.perf_counter()
         logits = self._step(self.prefill, input_ids, mask, cache)
+        stats.prefill_seconds = time.perf_counter() - t
         alive = [True] * batch
+        t = time.perf_counter()
         for step in range(max_new_tokens):
             next_ids = np.full((batch, 1), self.pad_id, dtype=np.int64)
             for r in range(batch):
@@ -184,10 +253,15 @@ class Model:
                         self._finish(_collect, r, "stop")
                 if piece:
                     yield r, piece
+            stats.generated_tokens = step + 1
             if not any(alive) or step == max_new_tokens - 1:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             logits = self._step(self.decode, next_ids, mask, cache)
+            stats.decode_seconds = time.perf_counter() - t
+        if _collect is not None:
+            for c in _collect:
+                c.stats = stats
         for r in range(batch):
             if alive[r]:
                 piece = streams[r].flush()
@@ -229,6 +303,11 @@ class Model:
 def is_batch(prompt) -> bool:
     """A batch is a list of prompts (str) or of chats (lists); a list of dicts is one chat."""
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+
+
+def is_token_ids(prompt) -> bool:
+    """A prompt given as token ids: a non-empty list of ints."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, (int, np.integer)) for t in prompt)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

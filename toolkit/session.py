@@ -1,0 +1,118 @@
+"""A multi-turn chat that keeps its KV cache between turns and prefills only what is new.
+
+    chat = model.chat_session(system="You are terse.")
+    print(chat.send("Name a prime."))
+    for piece in chat.send("And the next one?", stream=True):
+        print(piece, end="")
+
+Each turn renders the whole conversation with the chat template, tokenizes it, and compares the ids with
+those whose keys and values the cache already holds: the longest common prefix is kept, the rest of the
+cache is dropped, and only the new tokens go through the prefill graph. Matching ids rather than trusting
+the history keeps this correct when a template re-renders earlier turns differently (e.g. Qwen's default
+system prompt, or an answer that re-tokenizes differently from how it was generated).
+
+Context policy: a turn needs room for its prompt plus `max_new_tokens` (capped at half of max_length).
+When the conversation does not fit, the oldest user/assistant turns are dropped, the system prompt kept,
+and the shortened conversation is prefilled from the first changed token. If the newest message alone
+does not fit, `ContextOverflowError`.
+"""
+import threading
+from typing import Iterator
+
+from toolkit.errors import ArgumentError, ContextOverflowError
+from toolkit.model import Completion, Stats
+
+
+class ChatSession:
+    """One conversation with a Model. `send` takes one turn at a time (a second concurrent `send` on the
+    same session raises ArgumentError); separate sessions on one Model may run in separate threads."""
+
+    def __init__(self, model, system: str | None = None, **defaults):
+        """system: the system prompt (None: the template's default); defaults: sampling options used by
+        every `send` (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)."""
+        self.model = model
+        self.system = system
+        self.defaults = defaults
+        self.messages: list[dict] = []  # user and assistant turns, oldest first (the system prompt apart)
+        self.dropped_turns = 0  # user/assistant pairs dropped to fit the context
+        self.last: Stats | None = None  # timing of the last turn
+        self._cache = None  # KVCache of self._cached_ids
+        self._cached_ids: list[int] = []
+        self._busy = threading.Lock()
+
+    @property
+    def history(self) -> list[dict]:
+        """The conversation as the model sees it: the system prompt (if set), then the turns."""
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return system + [dict(m) for m in self.messages]
+
+    @property
+    def context_used(self) -> int:
+        """Tokens whose keys and values the cache holds."""
+        return len(self._cached_ids)
+
+    def reset(self, system: str | None = None) -> None:
+        """Forget the turns (and the cache); a new system prompt if given, else keep the current one."""
+        if system is not None:
+            self.system = system
+        self.messages, self.dropped_turns, self.last = [], 0, None
+        self._cache, self._cached_ids = None, []
+
+    def set_system(self, system: str | None) -> None:
+        """Change the system prompt; the turns stay, the next turn re-prefills from the first changed token."""
+        self.system = system
+
+    def send(self, text: str, stream: bool = False, **options):
+        """Add a user message and answer it: the answer's text, or with stream=True an iterator of its
+        pieces (the turn is recorded when the iterator ends or is closed; a stopped answer is kept as far
+        as it got). Options override the session's defaults for this turn."""
+        if not isinstance(text, str) or not text:
+            raise ArgumentError("message: expected a non-empty string")
+        pieces = self._turn(text, self.defaults | options)
+        return pieces if stream else "".join(pieces)
+
+    def _turn(self, text: str, options: dict) -> Iterator[str]:
+        if not self._busy.acquire(blocking=False):
+            raise ArgumentError("ChatSession.send: a turn is already in progress on this session")
+        try:
+            user = {"role": "user", "content": text}
+            ids = self._fit(user, options.get("max_new_tokens", 256))
+            common = min(common_prefix(self._cached_ids, ids), len(ids) - 1)
+            if self._cache is None:
+                self._cache = self.model.new_cache(1)
+            self._cache.truncate(common)
+            self._cached_ids = self._cached_ids[:common]
+            done, stats, answer = [Completion("", ids)], Stats(), ""
+            try:
+                for _, piece in self.model._run([ids], _collect=done, cache=self._cache, stats=stats, **options):
+                    answer += piece
+                    yield piece
+            finally:  # also on Ctrl-C or a closed stream: remember what the model has seen and said
+                self._cached_ids = (ids + done[0].token_ids)[:self._cache.length]
+                self.messages += [user, {"role": "assistant", "content": answer}]
+                self.last = stats
+        finally:
+            self._busy.release()
+
+    def _fit(self, user: dict, max_new_tokens) -> list[int]:
+        """Token ids of the conversation plus `user`, dropping the oldest turns until it fits."""
+        limit = self.model.max_length
+        reserve = min(max_new_tokens, limit // 2) if isinstance(max_new_tokens, int) else 1
+        while True:
+            ids = self.model.encode(self.history + [user])
+            if len(ids) + reserve <= limit:
+                return ids
+            if not self.messages:
+                raise ContextOverflowError(f"message: {len(ids)} tokens with the system prompt, and {reserve} "
+                                           f"new tokens, do not fit max_length {limit}")
+            self.messages = self.messages[2:]  # the oldest user message and its answer
+            self.dropped_turns += 1
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
