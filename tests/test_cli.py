@@ -121,16 +121,41 @@ def test_folder_without_manifest(checkpoint, tmp_path):
 
 
 def test_chat_in_a_terminal(exported):
+    """A person's session: two turns (the second reuses the first's cache), a continued line, a system
+    prompt, /stats, /reset, Ctrl-C during a long answer, /exit."""
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(EXE, ["chat", str(exported("tied_fp32", bits=32)), "--temperature", "0",
-                                "--max-new-tokens", "8"], encoding="utf-8", timeout=60)
+    folder = str(exported("tied_fp32", bits=32))
+    child = pexpect.spawn(EXE, ["chat", folder, "--temperature", "0", "--max-new-tokens", "8"], encoding="utf-8",
+                          timeout=60)
     child.expect(">>> ")
     child.sendline("hello there")
-    child.expect(r"\(\d+ pieces in")
+    child.expect(r"\[prefill \d+ tok \(0 reused\) in .* tok/s · decode \d+ tok, .* tok/s · context \d+/512\]")
     child.expect(">>> ")
+    child.sendline("a second message that goes on \\")
+    child.expect(r"\.\.\. ")
+    child.sendline("over two lines")
+    child.expect(r"\[prefill \d+ tok \(([1-9]\d*) reused\)")
+    child.expect(">>> ")
+    child.sendline("/system You are terse.")
+    child.expect("system prompt set")
+    child.sendline("/stats")
+    child.expect(r"turns 2, tokens generated \d+, context \d+/512 tokens")
     child.sendline("/reset")
     child.expect("conversation cleared")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+    long = pexpect.spawn(EXE, ["chat", folder, "--temperature", "1", "--seed", "1", "--max-new-tokens", "100000",
+                               "--max-length", "2048"], encoding="utf-8", timeout=60)
+    long.expect(">>> ")
+    long.sendline("write forever")
+    long.expect(r"\S")  # the answer is streaming
+    long.sendintr()
+    long.expect(r"\[stopped\]")
+    long.expect(">>> ")  # still running: Ctrl-C stopped the answer, not the program
+    long.sendline("/exit")
+    long.expect(pexpect.EOF)
+    long.close()
+    assert long.exitstatus == 0

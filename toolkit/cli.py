@@ -36,11 +36,15 @@ def cli():
               help="bits of the lm_head (and of a tied embedding); default: 8")
 @click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None,
               help="bits of an untied embedding table; default: --bits")
+@click.option("--lm-head-group-size", type=int, default=None,
+              help="group size of the lm_head (and of a tied embedding); default: 128 at 4 bits, else --group-size")
+@click.option("--embed-group-size", type=int, default=None,
+              help="group size of an untied embedding; default: 64 at 4 bits, else --group-size")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
               help="UTF-8 text for --method calibrated (default: the text shipped with qwen-edge)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, lm_head_bits, embed_bits,
-               calibration, force):
+               lm_head_group_size, embed_group_size, calibration, force):
     """Convert SRC (a Hugging Face Qwen2 folder or a GGUF file) into the model folder OUT."""
     try:
         from export import QuantSpec, export
@@ -52,7 +56,8 @@ def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, l
     spec = QuantSpec.recommended(int(bits), group_size=group_size, accuracy_level=accuracy_level,
                                  symmetric=None if asymmetric is None else not asymmetric, method=method,
                                  lm_head_bits=lm_head_bits and int(lm_head_bits),
-                                 embed_bits=embed_bits and int(embed_bits))
+                                 embed_bits=embed_bits and int(embed_bits), lm_head_group_size=lm_head_group_size,
+                                 embed_group_size=embed_group_size)
     export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration))
 
 
@@ -112,7 +117,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 @click.option("--system", default=None, help="system prompt")
 def chat(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, provider, threads, max_length,
          system):
-    """Chat with MODEL in the terminal: streaming, multi-turn; /reset and /exit."""
+    """Chat with MODEL in the terminal: streaming, multi-turn memory; /reset, /system, /stats, /exit."""
     from toolkit.chat import run_chat
 
     m = load_model(model, provider, threads, max_length)
@@ -184,6 +189,32 @@ def bench_cmd(model, prompt_tokens, new_tokens, runs, threads, provider, as_json
 
     report = bench(model, prompt_tokens, new_tokens, runs, threads, provider)
     click.echo(json.dumps(report) if as_json else format_report(report))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback by default)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="QWEN_EDGE_API_KEY", default=None,
+              help="require 'Authorization: Bearer KEY' (or set QWEN_EDGE_API_KEY)")
+@click.option("--model-id", default=None, help="the model name in responses (default: the folder's name)")
+@click.option("--max-queue", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="requests that may wait for the one running; more get 503")
+@model_options
+def serve(model, host, port, api_key, model_id, max_queue, provider, threads, max_length):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    try:
+        from toolkit.server import serve as run_server
+    except ImportError as e:
+        raise ArgumentError(f"serve needs the server's extra ({e.name} is missing): "
+                            "pip install 'qwen-edge[serve]'") from None
+    from pathlib import Path
+
+    m = load_model(model, provider, threads, max_length)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    run_server(m, model_id or Path(model).resolve().name, host=host, port=port, api_key=api_key,
+               max_queue=max_queue, log=lambda msg: click.echo(msg, err=True))
 
 
 def main(argv=None) -> None:
