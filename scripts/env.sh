@@ -1,12 +1,13 @@
 # Sourced by the other scripts: a project virtualenv (.venv) with qwen-edge installed editable plus the
-# extras in $EXTRAS (default: export,test). When the tests' extra is wanted, torch is pinned and installed
+# extras in $EXTRAS (default: export,serve,test). When the tests' extra is wanted, torch is pinned and installed
 # first so that pip takes the CPU build (an unpinned torch would pull a multi-GB CUDA build).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QWEN_EDGE_VENV:-$ROOT/.venv}"
-EXTRAS="${EXTRAS:-export,test}"
+EXTRAS="${EXTRAS:-export,serve,test}"
 CHECK="import toolkit, export, onnx, gguf"
-[[ "$EXTRAS" == *test* ]] && CHECK="$CHECK, torch, transformers, pytest"
+[[ "$EXTRAS" == *serve* ]] && CHECK="$CHECK, starlette, uvicorn"
+[[ "$EXTRAS" == *test* ]] && CHECK="$CHECK, torch, transformers, pytest, openai"
 if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
 fi

@@ -1,0 +1,227 @@
+"""`qwen-edge serve` driven by the official openai client (and raw HTTP for what a client would not send)."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import toolkit  # noqa: E402
+
+EXE = str(Path(sys.executable).parent / "qwen-edge")
+KEY = "test-key"
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folder(exported):
+    return exported("tied_fp32", bits=32)
+
+
+@pytest.fixture(scope="module")
+def base(folder):
+    port = free_port()
+    proc = subprocess.Popen([EXE, "serve", str(folder), "--port", str(port), "--api-key", KEY, "--model-id", "tiny",
+                             "--max-length", "512", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.stderr.read()}")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(folder):
+    """The same folder loaded in-process: what the server's answers must equal."""
+    return toolkit.load(folder, max_length=512)
+
+
+def expected(local, messages, max_tokens=12):
+    c = local.complete([messages], temperature=0, max_new_tokens=max_tokens)[0]
+    return c
+
+
+def test_chat_and_usage(client, local):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    r = client.chat.completions.create(model="anything", messages=messages, **GREEDY)
+    want = expected(local, messages)
+    assert r.model == "tiny" and r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_ids), len(want.token_ids))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat(client, local):
+    messages = [{"role": "user", "content": "stream this"}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    want = expected(local, messages)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == want.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_stream_ends_with_done(base):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, **GREEDY}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    lines = [line for line in r.text.split("\n") if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert "usage" in json.loads(lines[-2][6:])
+
+
+def test_completions_and_models(client, local):
+    r = client.completions.create(model="tiny", prompt="def add(a, b):", **GREEDY)
+    want = local.complete(["def add(a, b):"], temperature=0, max_new_tokens=12)[0]
+    assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="def add(a, b):", stream=True, **GREEDY))
+    assert streamed == want.text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_stop_seed_and_sampling_fields(client, local):
+    messages = [{"role": "user", "content": "sample"}]
+    a = client.chat.completions.create(model="tiny", messages=messages, temperature=0.8, top_p=0.9, seed=5,
+                                       max_tokens=16)
+    b = client.chat.completions.create(model="tiny", messages=messages, temperature=0.8, top_p=0.9, seed=5,
+                                       max_tokens=16)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    full = expected(local, messages, 16).text
+    if len(full) > 4:
+        stop = full[2:4]
+        r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=16, stop=[stop])
+        assert r.choices[0].message.content == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_eight_concurrent_clients_get_complete_answers(client, local):
+    prompts = [f"client number {i} asks" for i in range(8)]
+    want = [expected(local, [{"role": "user", "content": p}], 24).text for p in prompts]
+    got = [None] * 8
+
+    def ask(i):
+        if i % 2:  # half of them stream
+            stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
+                                                    stream=True, temperature=0, max_tokens=24)
+            got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        else:
+            got[i] = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
+                                                    temperature=0, max_tokens=24).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+
+
+def post(base, body: bytes | str, key=KEY, path="/v1/chat/completions"):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(f"{base}{path}", content=body, headers=headers, timeout=60)
+
+
+def error_of(r, status: int, *needles):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for needle in needles:
+        assert needle in err["message"], err["message"]
+    return err
+
+
+@pytest.mark.parametrize("body, needles", [
+    ('{"messages": [', ("expected a JSON object",)),
+    ('[1, 2]', ("expected a JSON object",)),
+    ('{"messages": []}', ("messages: expected a non-empty list",)),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}', ("messages[0]: expected an object with role",)),
+    ('{"messages": [{"role": "user", "content": 3}]}', ("messages[0].content: expected a string",)),
+    ('{"messages": [{"role": "user", "content": "x"}], "temperature": 5}', ("temperature: expected a number in [0, 2]",)),
+    ('{"messages": [{"role": "user", "content": "x"}], "top_p": 0}', ("top_p: expected a number in (0, 1]",)),
+    ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', ("max_tokens: expected an integer",)),
+    ('{"messages": [{"role": "user", "content": "x"}], "n": 2}', ("n: ",)),
+    ('{"messages": [{"role": "user", "content": "x"}], "stop": [1]}', ("stop: expected a string",)),
+    ('{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 1}', ("frequency_penalty: not supported",)),
+])
+def test_bad_requests_get_400_in_openai_shape(base, body, needles):
+    err = error_of(post(base, body), 400, *needles)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_bad_key_body_too_large_prompt_too_long_unknown_route(base, client):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    error_of(post(base, '{"messages": [{"role": "user", "content": "x"}]}', key=None), 401, "API key")
+    error_of(post(base, json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})), 413, "over the limit")
+    err = error_of(post(base, json.dumps({"messages": [{"role": "user", "content": "word " * 600}]})), 400,
+                   "do not fit the context of 512")
+    assert err["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="word " * 600)
+    error_of(httpx.get(f"{base}/v1/nothing", timeout=10), 404)
+    error_of(httpx.get(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=10), 405)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_worker(base, client):
+    before = httpx.get(f"{base}/health").json()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a very long answer please"}], "stream": True,
+            "temperature": 0, "max_tokens": 100000}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content"' in line and '"content": ""' not in line:
+                break  # got a piece of the answer: hang up
+    deadline = time.time() + 20
+    while True:
+        health = httpx.get(f"{base}/health").json()
+        if health["active"] == 0 and health["queued"] == 0:
+            break
+        assert time.time() < deadline, health
+        time.sleep(0.05)
+    assert health["status"] == "ok"
+    # stopped at its next token, long before its 480 possible tokens (greedy: the same answer every run)
+    assert (health["cancelled"], health["completed"]) == (before["cancelled"] + 1, before["completed"])
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "still there?"}], **GREEDY)
+    assert r.choices[0].message.content is not None
+
+
+def test_serve_refuses_a_bad_model_folder(tmp_path):
+    r = subprocess.run([EXE, "serve", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "missing" in r.stderr
+    assert "Traceback" not in r.stderr
