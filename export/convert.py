@@ -21,9 +21,9 @@ from export.quantize import QuantSpec, check_divides
 from toolkit.errors import ArgumentError
 
 WEIGHTS_FILE = "model.weights"
-# graph name -> (length of input_ids' sequence axis, logits for every position?). "score" serves evaluation
-# (perplexity, KL); generation never loads it.
-GRAPHS = {"prefill": ("sequence", False), "decode": (1, False), "score": ("sequence", True)}
+# graph name -> length of input_ids' sequence axis. Prefill also serves speculative verification and
+# evaluation (its num_logits input chooses how many trailing positions get logits).
+GRAPHS = {"prefill": "sequence", "decode": 1}
 
 
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
@@ -109,17 +109,17 @@ def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences
 
 
 def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log, importance: dict | None = None) -> dict:
-    """Build prefill.onnx, decode.onnx and score.onnx over one shared weights file.
+    """Build prefill.onnx and decode.onnx over one shared weights file.
 
     Returns ({graph name: ModelProto}, {"file", "quantized", "float", "bytes"} of the weights file)."""
     weights = WeightFile(folder / WEIGHTS_FILE)
     w = Weights(ckpt, spec, tied=cfg.tie_word_embeddings, importance=importance)
     graphs = {}
     try:
-        for name, (seq, all_logits) in GRAPHS.items():
+        for name, seq in GRAPHS.items():
             t = time.time()
             g = Graph(name, weights)
-            qwen2.build(g, cfg, w, seq, all_logits)
+            qwen2.build(g, cfg, w, seq)
             model = g.to_model()
             onnx.save(model, folder / f"{name}.onnx")
             graphs[name] = model

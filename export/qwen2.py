@@ -86,23 +86,29 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
-def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str, all_logits: bool = False) -> None:
+def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
     """Fill `g` with the whole model; `seq` is 1 for decode or a symbolic name for prefill.
 
-    `all_logits` returns logits [B, S, V] for every position (the score graph that evaluation uses)
-    instead of [B, V] for the last one."""
+    Decode returns logits [B, V] for its one position. Prefill takes `num_logits` (int64 [1], N) and returns
+    logits [B, N, V] for the last N positions: 1 to start generating, the draft tokens + 1 to verify a
+    speculative draft, S to score every position (evaluation). The lm_head runs on those N rows only."""
     input_ids = g.input("input_ids", INT64, ["batch", seq])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
+    num_logits = None if seq == 1 else g.input("num_logits", INT64, [1])
     cos, sin, mask = attention_inputs(g, cfg, input_ids, attention_mask)
     h = embedding(g, w, "model.embed_tokens", cfg.vocab_size, cfg.hidden_size, input_ids)
     for i in range(cfg.num_hidden_layers):
         with g.scope(f"layers.{i}"):
             h = decoder_layer(g, cfg, w, i, h, cos, sin, mask)
     with g.scope("final"):
-        if not all_logits:  # only the last position feeds the next token: skip the rest of the lm_head
-            h = g.op("Gather", h, g.const(-1, np.int64), axis=1)  # [B, H]
+        if num_logits is None:
+            h = g.op("Reshape", h, g.const([0, cfg.hidden_size], np.int64))  # [B, 1, H] -> [B, H]
+        else:  # the last N positions: [B, S, H] -> [B, N, H]
+            h = g.op("Slice", h, g.op("Neg", num_logits), g.const([np.iinfo(np.int64).max], np.int64),
+                     g.const([1], np.int64))
         lm_head(g, w, cfg, rms_norm(g, w, "model.norm", cfg, h), out="logits")
-    g.output("logits", FLOAT, ["batch", seq, cfg.vocab_size] if all_logits else ["batch", cfg.vocab_size])
+    g.output("logits", FLOAT, ["batch", cfg.vocab_size] if num_logits is None
+             else ["batch", "num_logits", cfg.vocab_size])
 
 
 def attention_inputs(g: Graph, cfg: Qwen2Config, input_ids: str, attention_mask: str):

@@ -27,7 +27,8 @@ def gguf_file(checkpoint, tmp_path_factory):
 
 
 def all_logits(model, ids):
-    return model.forward("score", np.array([ids]), np.ones((1, len(ids)), np.int64), model.new_cache())[0]
+    return model.forward("prefill", np.array([ids]), np.ones((1, len(ids)), np.int64), model.new_cache(),
+                         num_logits=len(ids))[0]
 
 
 def test_float_gguf_exports_the_same_model_as_the_checkpoint(gguf_file, exported, tmp_path):

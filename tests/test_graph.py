@@ -13,7 +13,9 @@ PROMPT = "def reverse(s):\n    return"
 
 
 def run(model, ids_rows, masks, cache, graph):
-    return model._step(graph, np.array(ids_rows, dtype=np.int64), np.array(masks, dtype=np.int64), cache)
+    """Logits [B, V] of the last position of one call of graph "prefill" or "decode"."""
+    out = model._step(graph, np.array(ids_rows, dtype=np.int64), np.array(masks, dtype=np.int64), cache)
+    return out[:, -1] if graph == "prefill" else out
 
 
 def dequantized_oracle(folder, bits, group_size, symmetric, method="rtn", bits_for=None):
@@ -35,14 +37,14 @@ def dequantized_oracle(folder, bits, group_size, symmetric, method="rtn", bits_f
 
 
 def step_logits(folder, ids, steps):
-    """Prefill on `ids`, then `steps` greedy decode calls: logits of every call and the tokens chosen."""
-    model = toolkit.load(folder)
+    """Prefill on `ids`, then `steps` greedy calls of decode.onnx: logits of every call and the tokens chosen."""
+    model = toolkit.load(folder, decode_graph=True)
     cache = KVCache(model.manifest["kv_cache"], 1)
-    out = [run(model, [ids], [[1] * len(ids)], cache, model.prefill)[0]]
+    out = [run(model, [ids], [[1] * len(ids)], cache, "prefill")[0]]
     tokens = list(ids)
     for _ in range(steps):
         tokens.append(int(np.argmax(out[-1])))
-        out.append(run(model, [[tokens[-1]]], [[1] * len(tokens)], cache, model.decode)[0])
+        out.append(run(model, [[tokens[-1]]], [[1] * len(tokens)], cache, "decode")[0])
     return np.stack(out), tokens
 
 
@@ -84,23 +86,41 @@ def test_quantized_export_matches_oracle_on_dequantized_weights(name, bits, grou
     assert np.abs(ours - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("bits", [32, 4])
-def test_prefill_equals_prefix_prefill_plus_decode(bits, exported):
-    model = toolkit.load(exported("tied_fp32", bits=bits))
+@pytest.mark.parametrize("bits,decode_graph", [(32, True), (4, True), (4, False)])
+def test_prefill_equals_prefix_prefill_plus_decode(bits, decode_graph, exported):
+    """decode_graph=False: the single-token steps go through the prefill graph (the default runtime path)."""
+    model = toolkit.load(exported("tied_fp32", bits=bits), decode_graph=decode_graph)
     ids = model.tokenizer.encode(PROMPT + " s[::-1]")
-    whole = run(model, [ids], [[1] * len(ids)], KVCache(model.manifest["kv_cache"], 1), model.prefill)
+    whole = run(model, [ids], [[1] * len(ids)], KVCache(model.manifest["kv_cache"], 1), "prefill")
     cache = KVCache(model.manifest["kv_cache"], 1)
     split = 5
-    run(model, [ids[:split]], [[1] * split], cache, model.prefill)
+    run(model, [ids[:split]], [[1] * split], cache, "prefill")
     for t in range(split, len(ids)):  # the rest one token at a time through the decode graph
-        last = run(model, [[ids[t]]], [[1] * (t + 1)], cache, model.decode)
+        last = run(model, [[ids[t]]], [[1] * (t + 1)], cache, "decode")
     np.testing.assert_allclose(last, whole, atol=1e-4)
     # and a second prefill chunk on top of a non-empty past
     cache = KVCache(model.manifest["kv_cache"], 1)
-    run(model, [ids[:split]], [[1] * split], cache, model.prefill)
-    chunk = run(model, [ids[split:]], [[1] * len(ids)], cache, model.prefill)
+    run(model, [ids[:split]], [[1] * split], cache, "prefill")
+    chunk = run(model, [ids[split:]], [[1] * len(ids)], cache, "prefill")
     np.testing.assert_allclose(chunk, whole, atol=1e-4)
     assert cache.length == len(ids)
+    # num_logits: the last N positions' logits, each what a prefill ending there would give
+    tail = model.forward("prefill", np.array([ids]), np.ones((1, len(ids)), np.int64), model.new_cache(), num_logits=3)
+    assert tail.shape == (1, 3, model.config["vocab_size"])
+    for j, end in enumerate(range(len(ids) - 2, len(ids) + 1)):
+        alone = run(model, [ids[:end]], [[1] * end], model.new_cache(), "prefill")
+        np.testing.assert_allclose(tail[0, j], alone[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_one_session_generates_what_two_sessions_do(bits, exported):
+    one = toolkit.load(exported("untied_bf16", bits=bits))
+    two = toolkit.load(exported("untied_bf16", bits=bits), decode_graph=True)
+    assert set(one._sessions) == {"prefill"} and set(two._sessions) == {"prefill", "decode"}
+    prompts = ["def reverse(s):", "Héllo wörld 🙂"]
+    a = one.complete(prompts, max_new_tokens=16, temperature=0)
+    b = two.complete(prompts, max_new_tokens=16, temperature=0)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
 
 
 @pytest.mark.parametrize("bits", [32, 8])

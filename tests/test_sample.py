@@ -78,7 +78,7 @@ def test_gguf_export_equals_the_hf_folder_export(sample_hf, tmp_path_factory):
     for text in TEXTS:
         assert a.tokenizer.encode(text) == b.tokenizer.encode(text), text
     ids = np.array([a.tokenizer.encode(" ".join(TEXTS))])
-    la = a.forward("score", ids, np.ones_like(ids), a.new_cache())
-    lb = b.forward("score", ids, np.ones_like(ids), b.new_cache())
+    la = a.forward("prefill", ids, np.ones_like(ids), a.new_cache(), num_logits=ids.shape[1])
+    lb = b.forward("prefill", ids, np.ones_like(ids), b.new_cache(), num_logits=ids.shape[1])
     assert np.abs(la - lb).max() <= 1e-4
     assert set(a.manifest["eos_token_ids"]) >= {151643, 151645}

@@ -58,8 +58,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def window_logprobs(model, ids: list[int], start: int, end: int, first_target: int) -> np.ndarray:
     """Log-probabilities [n_targets, V] of the predictions for targets first_target..end-1."""
     chunk = np.array([ids[start:end]], dtype=np.int64)
-    logits = model.forward("score", chunk, np.ones_like(chunk), model.new_cache(1))[0]
-    return log_softmax(logits[first_target - 1 - start:end - 1 - start])
+    # logits of positions first_target-1 .. end-2 predict the targets; the lm_head runs on those only
+    n = end - first_target + 1
+    logits = model.forward("prefill", chunk, np.ones_like(chunk), model.new_cache(1), num_logits=n)[0]
+    return log_softmax(logits[:-1])
 
 
 def evaluate(model, ids: list[int], reference=None, window: int = 512, stride: int = 256, progress=None) -> Scores:

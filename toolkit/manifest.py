@@ -7,7 +7,7 @@ from pathlib import Path
 from toolkit.errors import ModelFolderError
 
 MANIFEST_NAME = "qwen-edge.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefill takes num_logits; no score graph
 REQUIRED = ("format_version", "model", "quantization", "graphs", "kv_cache", "tokenizer", "eos_token_ids", "files")
 
 
@@ -37,7 +37,10 @@ class Manifest:
         return path
 
     def check_files(self, hashes: bool = False) -> None:
-        """Every listed file exists with its recorded size (and sha256 when `hashes`)."""
+        """Every listed file exists with its recorded size (and sha256 when `hashes`), and every graph and
+        tokenizer file named stays inside the folder."""
+        for graph in self["graphs"].values():
+            self.path(graph.get("file") if isinstance(graph, dict) else None)
         for name, info in self["files"].items():
             path = self.path(name)
             if path.stat().st_size != info["bytes"]:

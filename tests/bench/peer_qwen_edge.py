@@ -51,7 +51,7 @@ def measure(args):
     for name, wids, wins, ref in (load_windows(s) for s in args.score):
         def logits_fn(window):
             x = np.array([list(window)], dtype=np.int64)
-            return model.forward("score", x, np.ones_like(x), model.new_cache(1))[0]
+            return model.forward("prefill", x, np.ones_like(x), model.new_cache(1), num_logits=x.shape[1])[0]
         scores[name] = score_windows(logits_fn, wids, wins, ref, notes)
     return result(toolkit.__version__, args.model, rss, load_s, ttft, [len(ids) / s for s in ttft], dec, scores,
                   first_ids, notes)

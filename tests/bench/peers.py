@@ -98,7 +98,7 @@ def prepare_inputs(work: Path) -> tuple[Path, dict]:
         row = 0
         for start, end, first in plan:
             chunk = np.array([text_ids[start:end]], dtype=np.int64)
-            logits = ref.forward("score", chunk, np.ones_like(chunk), ref.new_cache())[0]
+            logits = ref.forward("prefill", chunk, np.ones_like(chunk), ref.new_cache(), num_logits=chunk.shape[1])[0]
             out[row:row + end - first] = log_softmax(logits[first - 1 - start:end - 1 - start])
             row += end - first
         out.flush()
