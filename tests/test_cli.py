@@ -106,6 +106,8 @@ def test_existing_output_needs_force(checkpoint, tmp_path):
     (["--top-k", "-2"], ["top_k -2"]),
     (["--max-length", "8"], ["prompt:", "max_length 8"]),
     (["--max-new-tokens", "0"], ["max_new_tokens 0"]),
+    (["--lookup", "4", "--temperature", "0.5"], ["lookup: needs one prompt and greedy decoding"]),
+    (["--lookup", "100", "--temperature", "0"], ["lookup 100"]),
 ])
 def test_bad_generate_options(args, needles, exported):
     assert_bad_input(cli("generate", exported("tied_fp32", bits=32), "a long enough prompt to overflow", *args),
@@ -151,6 +153,7 @@ def test_chat_in_a_terminal(exported):
                                "--max-length", "2048"], encoding="utf-8", timeout=60)
     long.expect(">>> ")
     long.sendline("write forever")
+    long.expect("write forever\r\n")  # the terminal's echo of the line
     long.expect(r"\S")  # the answer is streaming
     long.sendintr()
     long.expect(r"\[stopped\]")

@@ -92,3 +92,28 @@ def test_threads_share_one_model(model):
     for t in threads:
         t.join()
     assert got == expected
+
+
+def test_prompt_lookup_gives_exactly_the_greedy_tokens(exported):
+    from toolkit.model import prompt_lookup
+
+    assert prompt_lookup([1, 2, 3, 4, 9, 2, 3], 3) == [4, 9, 2]  # the last 2-gram "2 3" was followed by 4 9 2
+    assert prompt_lookup([5, 6, 7], 4) == [] and prompt_lookup([7, 7], 4) == [7]
+    for bits in (32, 4):
+        model = toolkit.load(exported("tied_fp32", bits=bits), max_length=512)
+        text = "def add(a, b):\n    return a + b\n\n" * 3
+        prompt = [{"role": "user", "content": f"Repeat this code:\n{text}"}]
+        plain = model.complete([prompt], temperature=0, max_new_tokens=60)[0]
+        for k in (1, 4, 10):
+            fast = model.complete([prompt], temperature=0, max_new_tokens=60, lookup=k)[0]  # penalty 1.05 too
+            assert fast.token_ids == plain.token_ids and fast.text == plain.text
+            assert fast.finish_reason == plain.finish_reason
+        # and in a chat session, whose cache must stay exactly what it saw
+        chat = model.chat_session(temperature=0, max_new_tokens=30, lookup=6)
+        ref = model.chat_session(temperature=0, max_new_tokens=30)
+        for turn in ("hello hello hello", "again hello hello"):
+            assert chat.send(turn) == ref.send(turn)
+    with pytest.raises(ArgumentError, match="lookup: needs one prompt and greedy"):
+        model.generate("hi", temperature=0.7, lookup=4)
+    with pytest.raises(ArgumentError, match="lookup -1"):
+        model.generate("hi", temperature=0, lookup=-1)

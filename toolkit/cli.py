@@ -76,6 +76,9 @@ def sampling_options(f):
                             ("--repetition-penalty", float, "1 is off"),
                             ("--seed", int, "makes sampling reproducible")):
         f = click.option(name, type=typ, default=None, help=text)(f)
+    f = click.option("--lookup", type=int, default=0, show_default=True,
+                     help="greedy only: draft up to N tokens per step by prompt lookup, verified in one call "
+                          "(same output, faster when the answer repeats the prompt, e.g. editing code)")(f)
     return click.option("--max-new-tokens", type=int, default=256, show_default=True)(f)
 
 
@@ -93,13 +96,13 @@ def load_model(model, provider, threads, max_length):
 @click.option("--stop", multiple=True, help="stop at this text (repeatable)")
 @click.option("--raw", is_flag=True, help="send PROMPT as is, without the chat template")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: token ids and text")
-def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, raw,
+def generate(model, prompt, max_new_tokens, lookup, temperature, top_k, top_p, repetition_penalty, seed, stop, raw,
              as_json, provider, threads, max_length):
     """Answer PROMPT with the model folder MODEL (streamed to stdout)."""
     m = load_model(model, provider, threads, max_length)
     chat = prompt if raw else [{"role": "user", "content": prompt}]
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+                   repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup)
     if as_json:
         c = m.complete([chat], **options)[0]
         click.echo(json.dumps({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text,
@@ -115,14 +118,14 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 @sampling_options
 @model_options
 @click.option("--system", default=None, help="system prompt")
-def chat(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, provider, threads, max_length,
-         system):
+def chat(model, max_new_tokens, lookup, temperature, top_k, top_p, repetition_penalty, seed, provider, threads,
+         max_length, system):
     """Chat with MODEL in the terminal: streaming, multi-turn memory; /reset, /system, /stats, /exit."""
     from toolkit.chat import run_chat
 
     m = load_model(model, provider, threads, max_length)
     run_chat(m, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-             repetition_penalty=repetition_penalty, seed=seed)
+             repetition_penalty=repetition_penalty, seed=seed, lookup=lookup)
 
 
 @cli.command()

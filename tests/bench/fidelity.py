@@ -33,6 +33,7 @@ VARIANTS = {  # name -> QuantSpec
     "calibrated-sym-g32-lm8": QuantSpec(bits=4, method="calibrated", symmetric=True, lm_head_bits=8),
     "calibrated-asym-g32-lm8": QuantSpec(bits=4, method="calibrated", symmetric=False, lm_head_bits=8),
     "calibrated-asym-g32-lm8g128-e64 (default)": QuantSpec.recommended(4),
+    "calibrated-asym-g32-lm8g128-e64-acc4": QuantSpec.recommended(4, accuracy_level=4),
     "calibrated-asym-g128-lm8": QuantSpec(bits=4, method="calibrated", symmetric=False, group_size=128,
                                           lm_head_bits=8),
     "int8 rtn-sym-g32 (default)": QuantSpec.recommended(8),
@@ -48,7 +49,7 @@ SAME_AS_PEERS = {  # variants that peers.py already exports into the shared work
 
 
 def measure(name: str, spec: QuantSpec, work: Path, scores: dict) -> dict:
-    out = work / SAME_AS_PEERS.get(name, "fidelity-" + name.split()[0])
+    out = work / SAME_AS_PEERS.get(name, "fidelity-" + name.split(" (")[0].replace(" ", "-"))
     started = time.perf_counter()
     if not (out / "qwen-edge.json").exists():
         export(peers.SAMPLE_GGUF, out, spec, force=True, log=lambda m: None)
@@ -63,7 +64,7 @@ def measure(name: str, spec: QuantSpec, work: Path, scores: dict) -> dict:
 
     def logits_fn(window):
         x = np.array([list(window)], dtype=np.int64)
-        return model.forward("score", x, np.ones_like(x), model.new_cache(1))[0]
+        return model.forward("prefill", x, np.ones_like(x), model.new_cache(1), num_logits=x.shape[1])[0]
 
     notes = []
     for text, d in scores.items():
