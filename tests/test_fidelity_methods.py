@@ -107,3 +107,36 @@ def test_int8_matrices_default_to_the_fast_kernel(checkpoint, tmp_path):
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {0, 4}  # int4 layers exact, the int8 lm_head on the int8 kernel
     assert toolkit.load(folder).manifest["quantization"]["accuracy_level_int8"] == 4
+
+
+def test_lm_head_and_embedding_group_sizes(checkpoint, tmp_path):
+    """The default int4 spec asks for lm_head groups of 128 and embedding groups of 64; a model whose hidden
+    size (64) they do not divide gets the largest power of two that does; explicit sizes are kept."""
+    import onnx
+
+    spec = QuantSpec.recommended(4, method="rtn")
+    assert (spec.lm_head_group_size, spec.embed_group_size) == (128, 64)
+    folder = export(checkpoint("untied_bf16"), tmp_path / "d", spec, log=lambda m: None)
+    q = toolkit.load(folder).manifest["quantization"]
+    assert q["lm_head_group_size"] == 64 and q["group_sizes"]["model.embed_tokens.weight"] == 64
+    assert q["group_sizes"]["model.layers.0.mlp.up_proj.weight"] == 32
+
+    spec = QuantSpec(bits=4, group_size=16, method="rtn", lm_head_bits=8, lm_head_group_size=32, embed_group_size=64)
+    folder = export(checkpoint("untied_bf16"), tmp_path / "e", spec, log=lambda m: None)
+    nodes = onnx.load(folder / "decode.onnx", load_external_data=False).graph.node
+    blocks = {(n.op_type, a.i) for n in nodes for a in n.attribute if a.name == "block_size"}
+    assert blocks == {("MatMulNBits", 16), ("MatMulNBits", 32), ("GatherBlockQuantized", 64)}
+    assert isinstance(toolkit.load(folder).generate("def", max_new_tokens=4, temperature=0), str)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--lm-head-group-size", "48"], ["--lm-head-group-size 48", "power of two"]),
+    (["--lm-head-group-size", "128"], ["--lm-head-group-size 128 does not divide hidden_size = 64"]),
+    (["--embed-group-size", "512"], ["--embed-group-size 512", "power of two"]),
+    (["--calibration", "/nonexistent/cal.txt"], ["--calibration /nonexistent/cal.txt", "readable UTF-8"]),
+])
+def test_bad_mixed_precision_options(args, needles, checkpoint, tmp_path):
+    from test_cli import assert_bad_input, cli
+
+    assert_bad_input(cli("export", checkpoint("tied_fp32"), tmp_path / "m", *args), *needles)
+    assert not (tmp_path / "m").exists()
