@@ -19,6 +19,7 @@ from export.manifest import build_manifest, write_manifest
 from export.onnx_builder import Graph, WeightFile
 from export.quantize import QuantSpec, check_divides
 from toolkit.errors import ArgumentError
+from toolkit.textfile import read_text_file
 
 WEIGHTS_FILE = "model.weights"
 # graph name -> length of input_ids' sequence axis. Prefill also serves speculative verification and
@@ -86,14 +87,7 @@ def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences
     """Per-matrix input statistics from the float model over the calibration text."""
     from export.calibrate import activation_stats, default_text, token_batches
 
-    if text_file is None:
-        text = default_text()
-    else:
-        try:
-            text = Path(text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ArgumentError(f"--calibration {text_file}: expected a readable UTF-8 text file "
-                                f"({e.__class__.__name__})") from None
+    text = default_text() if text_file is None else read_text_file(text_file, "--calibration")
     tokens = token_batches(tokenizer_json, text, max_sequences=sequences)
     t = time.time()
 

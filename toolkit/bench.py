@@ -35,17 +35,18 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def run_once(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """(seconds to first token, seconds for the remaining new_tokens - 1 tokens)."""
+def greedy_timed(model, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
+    """Prefill `ids`, then `steps` greedy single-token calls, end tokens ignored: (seconds to the first
+    token, seconds of the steps, the steps + 1 tokens chosen). Shared with tests/bench/peer_qwen_edge.py."""
     cache = model.new_cache(1)
     mask = np.ones((1, len(ids)), dtype=np.int64)
     t0 = time.perf_counter()
-    token = int(np.argmax(model.forward("prefill", np.array([ids], dtype=np.int64), mask, cache)[0]))
+    tokens = [int(np.argmax(model.forward("prefill", np.array([ids], dtype=np.int64), mask, cache)[0, -1]))]
     t1 = time.perf_counter()
-    for _ in range(new_tokens - 1):
+    for _ in range(steps):
         mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        token = int(np.argmax(model.forward("decode", np.array([[token]], dtype=np.int64), mask, cache)[0]))
-    return t1 - t0, time.perf_counter() - t1
+        tokens.append(int(np.argmax(model.forward("decode", np.array([tokens[-1:]], dtype=np.int64), mask, cache)[0])))
+    return t1 - t0, time.perf_counter() - t1, tokens
 
 
 def bench(folder, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3, threads: int | None = None,
@@ -61,9 +62,9 @@ def bench(folder, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
     load_s = time.perf_counter() - t
     ids = prompt_ids(model.tokenizer, prompt_tokens)
     ttft, decode = [], []
-    run_once(model, ids[:8], 2)  # warm-up: first calls allocate ORT's arenas
+    greedy_timed(model, ids[:8], 1)  # warm-up: first calls allocate ORT's arenas
     for _ in range(runs):
-        first, rest = run_once(model, ids, new_tokens)
+        first, rest, _ = greedy_timed(model, ids, new_tokens - 1)
         ttft.append(first)
         decode.append((new_tokens - 1) / rest)
     files = model.manifest["files"]

@@ -155,16 +155,12 @@ def inspect(model, as_json, verify):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def eval_cmd(model, text_file, reference, window, stride, threads, as_json):
     """Perplexity of MODEL on a text; with --reference, KL divergence and top-1 agreement too."""
-    from pathlib import Path
 
     from toolkit.evaluate import evaluate_text, windows
     from toolkit.model import load
+    from toolkit.textfile import read_text_file
 
-    try:
-        text = Path(text_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArgumentError(f"--text {text_file}: expected a readable UTF-8 text file "
-                            f"({e.__class__.__name__})") from None
+    text = read_text_file(text_file, "--text")
     m = load(model, threads=threads, preload=False)
     ref = load(reference, threads=threads, preload=False) if reference else None
     n = len(m.tokenizer.encode(text))

@@ -23,6 +23,7 @@ def measure(args):
     import onnxruntime as ort
 
     import toolkit
+    from toolkit.bench import greedy_timed
 
     ids = [int(x) for x in json.loads(Path(args.prompt_ids).read_text())["ids"]]
     n = args.new_tokens
@@ -31,16 +32,9 @@ def measure(args):
     load_s = time.perf_counter() - t
     ttft, dec, first_ids = [], [], None
     for _ in range(args.runs):
-        cache = model.new_cache(1)
-        mask = np.ones((1, len(ids)), dtype=np.int64)
-        t = time.perf_counter()
-        gen = [int(np.argmax(model.forward("prefill", np.array([ids]), mask, cache)[0]))]
-        ttft.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        for _ in range(n):
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            gen.append(int(np.argmax(model.forward("decode", np.array([gen[-1:]]), mask, cache)[0])))
-        dec.append(n / (time.perf_counter() - t))
+        first, rest, gen = greedy_timed(model, ids, n)
+        ttft.append(first)
+        dec.append(n / rest)
         first_ids = first_ids or gen[:n]
     rss = peak_rss_bytes()
     q = model.manifest["quantization"]
