@@ -155,7 +155,6 @@ def inspect(model, as_json, verify):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def eval_cmd(model, text_file, reference, window, stride, threads, as_json):
     """Perplexity of MODEL on a text; with --reference, KL divergence and top-1 agreement too."""
-
     from toolkit.evaluate import evaluate_text, windows
     from toolkit.model import load
     from toolkit.textfile import read_text_file
