@@ -99,13 +99,14 @@ def test_calibrated_export_runs_on_a_given_text(checkpoint, tmp_path):
 
 
 def test_int8_matrices_default_to_the_fast_kernel(checkpoint, tmp_path):
-    """onnxruntime's CPU MatMulNBits has a fast 8-bit kernel only at accuracy level 4."""
+    """onnxruntime's CPU MatMulNBits has a fast 8-bit kernel only at accuracy level 4; the int4 default
+    runs there too (faster, KL within 0.4 % of level 0 on the sample)."""
     import onnx
 
     folder = export(checkpoint("tied_fp32"), tmp_path / "m", QuantSpec.recommended(4), log=lambda m: None)
     levels = {(a.i) for n in onnx.load(folder / "decode.onnx", load_external_data=False).graph.node
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
-    assert levels == {0, 4}  # int4 layers exact, the int8 lm_head on the int8 kernel
+    assert levels == {4}  # int4 layers and the int8 lm_head on the int8-activation kernels
     assert toolkit.load(folder).manifest["quantization"]["accuracy_level_int8"] == 4
 
 

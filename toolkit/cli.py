@@ -26,8 +26,9 @@ def cli():
               help="weights per scale along the input dimension (power of two, 16..256)")
 @click.option("--asymmetric/--symmetric", default=None,
               help="per-group zero points or not (default: asymmetric at 4 bits, symmetric at 8)")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
-              help="MatMulNBits compute: 0 exact float32, 4 int8 activations (faster on CPU)")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits compute of the int4 matrices: 0 exact float32, 4 int8 activations (faster on "
+                   "CPU; the default at 4 bits); 8-bit matrices always use 4")
 @click.option("--method", type=click.Choice(["rtn", "search", "calibrated"]), default=None,
               help="rtn: round to nearest; search: least-squares scale search per group; calibrated: the search "
                    "weighted by activations of the float model on a calibration text "

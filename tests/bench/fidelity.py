@@ -5,7 +5,8 @@ PPL, bytes, export time (not run in CI).
 
 Each variant is exported from the sample GGUF and scored on tests/data/prose.txt and code.txt against the
 same float32 reference log-probabilities as tests/bench/peers.py (shared windows, shared work folder), so
-its figures line up with the peers' table. Prints a markdown table and writes WORK/fidelity.json (rows of
+its figures line up with the peers' table. Variants run MatMulNBits at accuracy level 0 (float32 compute)
+unless their name says acc4. Prints a markdown table and writes WORK/fidelity.json (rows of
 variants not selected by --only are kept from earlier runs in the same work folder).
 """
 import argparse
@@ -32,11 +33,11 @@ VARIANTS = {  # name -> QuantSpec
     "search-asym-g32-lm8": QuantSpec(bits=4, method="search", symmetric=False, lm_head_bits=8),
     "calibrated-sym-g32-lm8": QuantSpec(bits=4, method="calibrated", symmetric=True, lm_head_bits=8),
     "calibrated-asym-g32-lm8": QuantSpec(bits=4, method="calibrated", symmetric=False, lm_head_bits=8),
-    "calibrated-asym-g32-lm8g128-e64 (default)": QuantSpec.recommended(4),
-    "calibrated-asym-g32-lm8g128-e64-acc4": QuantSpec.recommended(4, accuracy_level=4),
+    "calibrated-asym-g32-lm8g128-e64-acc0": QuantSpec.recommended(4, accuracy_level=0),
+    "calibrated-asym-g32-lm8g128-e64-acc4 (default)": QuantSpec.recommended(4),
     "calibrated-asym-g128-lm8": QuantSpec(bits=4, method="calibrated", symmetric=False, group_size=128,
                                           lm_head_bits=8),
-    "int8 rtn-sym-g32 (default)": QuantSpec.recommended(8),
+    "int8 rtn-sym-g32 (default)": QuantSpec.recommended(8),  # 8-bit matrices always run at accuracy level 4
     "int8 rtn-sym-g16": QuantSpec(bits=8, method="rtn", symmetric=True, group_size=16),
     "int8 rtn-asym-g32": QuantSpec(bits=8, method="rtn", symmetric=False),
     "int8 search-sym-g32": QuantSpec(bits=8, method="search", symmetric=True),
@@ -44,7 +45,7 @@ VARIANTS = {  # name -> QuantSpec
 
 
 SAME_AS_PEERS = {  # variants that peers.py already exports into the shared work folder
-    "rtn-sym-g32-lm4": "qwen-edge-int4-rtn", "calibrated-asym-g32-lm8g128-e64 (default)": "qwen-edge-int4",
+    "rtn-sym-g32-lm4": "qwen-edge-int4-rtn", "calibrated-asym-g32-lm8g128-e64-acc4 (default)": "qwen-edge-int4",
     "int8 rtn-sym-g32 (default)": "qwen-edge-int8"}
 
 

@@ -59,8 +59,8 @@ def rows(peers: Path, work: Path) -> list[dict]:
 
 
 OURS = {  # variant -> how `qwen-edge export` makes it
-    "int4": "the defaults (calibrated, asymmetric g32, int8 lm_head)",
-    "int4-rtn": "--method rtn --symmetric --lm-head-bits 4 (what the peers' int4 does)",
+    "int4": "the defaults (calibrated, asymmetric g32, int8 lm_head g128, embedding g64, accuracy level 4)",
+    "int4-rtn": "--method rtn --symmetric --lm-head-bits 4 --accuracy-level 4 (what genai's int4 does)",
     "int8": "the defaults (rtn, symmetric g32)",
     "fp32": "--bits 32 (the reference)",
 }
@@ -69,7 +69,8 @@ OURS = {  # variant -> how `qwen-edge export` makes it
 def export_ours(work: Path) -> None:
     from export import QuantSpec, export
 
-    specs = {"int4": QuantSpec.recommended(4), "int4-rtn": QuantSpec(bits=4, method="rtn", symmetric=True),
+    specs = {"int4": QuantSpec.recommended(4),
+             "int4-rtn": QuantSpec(bits=4, method="rtn", symmetric=True, accuracy_level=4),
              "int8": QuantSpec.recommended(8), "fp32": QuantSpec.recommended(32)}
     for variant, spec in specs.items():
         out = work / f"qwen-edge-{variant}"
