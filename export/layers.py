@@ -22,6 +22,7 @@ class Weights:
         self.importance = importance or {}  # matrix name -> mean square of its input channels (calibrated)
         self.quantized: dict[str, int] = {}  # checkpoint tensor name -> bits, for those stored as int4/int8
         self.groups: dict[str, int] = {}  # checkpoint tensor name -> group size, for the same tensors
+        self.stacked: dict[str, tuple[int, int]] = {}  # graph matrix name -> (bits, group size)
         self.float: list[str] = []  # checkpoint tensor names stored as float32
 
     def tensor(self, name: str, shape: tuple) -> np.ndarray:
@@ -30,65 +31,81 @@ class Weights:
         return self.ckpt.tensor(name, shape)
 
 
-def quantized(g: Graph, w: Weights, name: str, n: int, k: int) -> tuple[str, str, str | None]:
-    """(data, scales, zero_points) names of weight `name` [n, k] in the weights file, quantized on first
-    use; zero_points is None when symmetric. The caller references the ones it reads with `g.weight`."""
+def quantize_matrix(w: Weights, name: str, n: int, k: int):
+    """Checkpoint weight `name` [n, k] quantized per the spec (recorded for the manifest)."""
+    method = w.spec.method
+    importance = w.importance.get(name)
+    if method == "calibrated" and importance is None:  # e.g. an untied embedding: no matmul input
+        method = "search"
+    qw = quantize_weight(w.ckpt.tensor(f"{name}.weight", (n, k)), w.spec.bits_for(name, w.tied),
+                         w.spec.group_for(name, w.tied), w.spec.symmetric, method, importance)
+    w.quantized[f"{name}.weight"] = qw.bits
+    w.groups[f"{name}.weight"] = qw.group_size
+    return qw
+
+
+def quantized(g: Graph, w: Weights, name: str, parts: list[tuple[str, int]], k: int) -> tuple[str, str, str | None]:
+    """(data, scales, zero_points) names in the weights file of the matrix `name`: the checkpoint weights
+    `parts` [(name, rows)], each [rows, k], quantized on first use and stacked along the rows (one
+    MatMulNBits can then compute q/k/v, or gate/up, at once: rows are quantized independently, so stacking
+    changes nothing numerically). zero_points is None when symmetric."""
     names = (f"{name}.weight.qdata", f"{name}.weight.scales", f"{name}.weight.zero_points")
     if names[0] not in g.weights:
-        method = w.spec.method
-        importance = w.importance.get(name)
-        if method == "calibrated" and importance is None:  # e.g. an untied embedding: no matmul input
-            method = "search"
-        qw = quantize_weight(w.ckpt.tensor(f"{name}.weight", (n, k)), w.spec.bits_for(name, w.tied),
-                             w.spec.group_for(name, w.tied), w.spec.symmetric, method, importance)
-        g.weights.add(names[0], qw.packed)
-        g.weights.add(names[1], qw.scales)
-        if qw.zero_points is not None:
-            g.weights.add(names[2], qw.zero_points)
-        w.quantized[f"{name}.weight"] = qw.bits
-        w.groups[f"{name}.weight"] = qw.group_size
+        qws = [quantize_matrix(w, part, n, k) for part, n in parts]
+        if len({(q.bits, q.group_size) for q in qws}) != 1:
+            raise ValueError(f"{name}: parts quantized with different bits or group sizes")
+        g.weights.add(names[0], np.concatenate([q.packed for q in qws]))
+        g.weights.add(names[1], np.concatenate([q.scales for q in qws]))
+        if qws[0].zero_points is not None:
+            g.weights.add(names[2], np.concatenate([q.zero_points for q in qws]))
+        w.stacked[name] = (qws[0].bits, qws[0].group_size)
     return tuple(n_ if n_ in g.weights else None for n_ in names)
 
 
-def bits_of(w: Weights, name: str) -> int:
-    return w.quantized[f"{name}.weight"]
-
-
-def matmul_nbits(g: Graph, w: Weights, name: str, x: str, n: int, k: int, out: str | None = None) -> str:
-    """x @ dequant(W).T with MatMulNBits for checkpoint weight `name` [n, k]."""
-    data, scales, zp = quantized(g, w, name, n, k)
-    return g.op("MatMulNBits", x, g.weight(data), g.weight(scales), zp and g.weight(zp), domain=MS, K=k, N=n,
-                bits=bits_of(w, name), block_size=w.groups[f"{name}.weight"],
-                accuracy_level=w.spec.accuracy_for(bits_of(w, name)), out=out)
+def matmul_nbits(g: Graph, w: Weights, name: str, parts: list[tuple[str, int]], x: str, k: int,
+                 bias: str | None = None, out: str | None = None) -> str:
+    """x @ dequant(W).T (+ bias) with MatMulNBits, W the rows of `parts` stacked (see `quantized`)."""
+    data, scales, zp = quantized(g, w, name, parts, k)
+    bits, group = w.stacked[name]
+    n = sum(rows for _, rows in parts)
+    return g.op("MatMulNBits", x, g.weight(data), g.weight(scales), zp and g.weight(zp), None, bias, domain=MS,
+                K=k, N=n, bits=bits, block_size=group, accuracy_level=w.spec.accuracy_for(bits), out=out)
 
 
 def linear(g: Graph, w: Weights, name: str, x: str, n: int, k: int, bias: bool = False) -> str:
     """x @ W.T (+ b) for a checkpoint Linear `name` with W [n, k]."""
-    if w.spec.quantized:
-        y = matmul_nbits(g, w, name, x, n, k)
-    else:
-        wt = f"{name}.weight.T"  # stored as [k, n] so MatMul reads it without a Transpose
-        if wt not in g.weights:
-            g.weights.add(wt, w.tensor(f"{name}.weight", (n, k)).T)
-        y = g.op("MatMul", x, g.weight(wt))
+    return stacked_linear(g, w, name, [(name, n)], x, k, bias)
+
+
+def stacked_linear(g: Graph, w: Weights, name: str, parts: list[tuple[str, int]], x: str, k: int,
+                   bias: bool = False) -> str:
+    """One matmul computing several checkpoint Linears that read the same input: x @ [W1; W2; …].T
+    (+ [b1; b2; …]) -> [..., sum of rows]; `name` names the stacked matrix in the graph."""
+    b = None
     if bias:
         b = f"{name}.bias"
         if b not in g.weights:
-            g.weights.add(b, w.tensor(b, (n,)))
-        y = g.op("Add", y, g.weight(b))
-    return y
+            g.weights.add(b, np.concatenate([w.tensor(f"{part}.bias", (n,)) for part, n in parts]))
+        b = g.weight(b)
+    if w.spec.quantized:
+        return matmul_nbits(g, w, name, parts, x, k, bias=b)
+    wt = f"{name}.weight.T"  # stored as [k, n] so MatMul reads it without a Transpose
+    if wt not in g.weights:
+        g.weights.add(wt, np.concatenate([w.tensor(f"{part}.weight", (n, k)) for part, n in parts]).T)
+    y = g.op("MatMul", x, g.weight(wt))
+    return g.op("Add", y, b) if b else y
 
 
 def embedding(g: Graph, w: Weights, name: str, vocab: int, hidden: int, ids: str) -> str:
     """Rows of the token embedding table [vocab, hidden] for `ids` [B, S] -> [B, S, hidden]."""
     if not w.spec.quantized:
         return g.op("Gather", float_matrix(g, w, name, vocab, hidden), ids)
-    data, scales, zp = quantized(g, w, name, vocab, hidden)
+    data, scales, zp = quantized(g, w, name, [(name, vocab)], hidden)
     # GatherBlockQuantized reads the MatMulNBits blob [V, H/group, group*bits/8] as [V, H*bits/8].
-    bits = bits_of(w, name)
+    bits, group = w.stacked[name]
     rows = g.weight_view(f"{name}.weight.qrows", data, (vocab, hidden * bits // 8), np.uint8)
     return g.op("GatherBlockQuantized", rows, ids, g.weight(scales), zp and g.weight(zp), domain=MS, bits=bits,
-                block_size=w.groups[f"{name}.weight"], gather_axis=0, quantize_axis=1)
+                block_size=group, gather_axis=0, quantize_axis=1)
 
 
 def lm_head(g: Graph, w: Weights, cfg, x: str, out: str) -> str:
@@ -96,7 +113,7 @@ def lm_head(g: Graph, w: Weights, cfg, x: str, out: str) -> str:
     name = "model.embed_tokens" if w.tied else "lm_head"
     V, H = cfg.vocab_size, cfg.hidden_size
     if w.spec.quantized:
-        return matmul_nbits(g, w, name, x, V, H, out=out)
+        return matmul_nbits(g, w, name, [(name, V)], x, H, out=out)
     # Gemm reads the [V, H] table transposed in place (a Transpose node would be constant-folded into a
     # second copy in RAM); Gemm is 2-D only, so [..., H] is flattened and the leading axes restored.
     table = float_matrix(g, w, name, V, H)
@@ -114,9 +131,22 @@ def float_matrix(g: Graph, w: Weights, name: str, n: int, k: int) -> str:
     return g.weight(key)
 
 
-def rms_norm(g: Graph, w: Weights, name: str, cfg, x: str) -> str:
-    """x / sqrt(mean(x²) + eps) * weight, computed in float32 (ORT's SimplifiedLayerNormalization)."""
+def norm_weight(g: Graph, w: Weights, name: str, cfg) -> str:
     key = f"{name}.weight"
     if key not in g.weights:
         g.weights.add(key, w.tensor(key, (cfg.hidden_size,)))
-    return g.op("SimplifiedLayerNormalization", x, g.weight(key), axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+    return g.weight(key)
+
+
+def rms_norm(g: Graph, w: Weights, name: str, cfg, x: str) -> str:
+    """x / sqrt(mean(x²) + eps) * weight, computed in float32 (ORT's SimplifiedLayerNormalization)."""
+    return g.op("SimplifiedLayerNormalization", x, norm_weight(g, w, name, cfg), axis=-1, epsilon=cfg.rms_norm_eps,
+                stash_type=1)
+
+
+def add_rms_norm(g: Graph, w: Weights, name: str, cfg, x: str, residual: str) -> tuple[str, str]:
+    """The residual step and the next norm in one op: (rms_norm(residual + x), residual + x), with
+    com.microsoft SkipSimplifiedLayerNormalization."""
+    normed, _, _, total = g.op_multi("SkipSimplifiedLayerNormalization", x, residual, norm_weight(g, w, name, cfg),
+                                     n_out=4, domain=MS, epsilon=cfg.rms_norm_eps)
+    return normed, total

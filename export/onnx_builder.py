@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 21  # ONNX default domain
 MS_OPSET = 1  # com.microsoft contrib ops
 IR_VERSION = 10  # onnxruntime 1.2x-1.3x refuse the IR 14 that onnx 1.23 writes by default
-INT64, FLOAT, BOOL = TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL
+INT64, INT32, FLOAT, BOOL = TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT, TensorProto.BOOL
 
 _BIG = 1 << 20  # tensors from 1 MiB up start on a 64 KiB boundary so ORT can memory-map them
 _BIG_ALIGN, _SMALL_ALIGN = 1 << 16, 64
@@ -121,8 +121,10 @@ class Graph:
     def op_multi(self, op_type: str, *inputs: str | None, n_out: int, outs: list | None = None,
                  domain: str = "", **attrs) -> list[str]:
         node_name = self._fresh(op_type)
-        outs = outs or [f"{node_name}:{i}" for i in range(n_out)]
+        outs = [o or f"{node_name}:{i}" for i, o in enumerate(outs or [None] * n_out)]  # None: a fresh name
         ins = ["" if i is None else i for i in inputs]
+        while ins and ins[-1] == "":  # skipped optional inputs at the end are simply left out
+            ins.pop()
         self.nodes.append(helper.make_node(op_type, ins, outs, name=node_name, domain=domain or None, **attrs))
         return outs
 

@@ -4,18 +4,21 @@
     for each layer:
         h = h + o_proj(attention(rms_norm(h)))                 RoPE, grouped-query attention, KV cache
         h = h + down(silu(gate(rms_norm(h))) * up(rms_norm(h)))
-    logits = lm_head(rms_norm(h[:, -1]))                      [B, V], the last position only
+    logits = lm_head(rms_norm(h)[:, -N:])                     [B, N, V], the last N positions
+
+Op choices that keep a decode step to few nodes (each node costs scheduling time on a one-token step):
+q/k/v and gate/up are stacked into one MatMulNBits each (bias fused into it), the residual adds ride in
+SkipSimplifiedLayerNormalization, and RoPE + KV append + attention are one GroupQueryAttention.
 
 Reference semantics: transformers' modeling_qwen2 (RMSNorm in float32, non-interleaved rotate_half RoPE,
 bias on q/k/v only). The same function builds the prefill graph (S dynamic) and the decode graph (S = 1).
 """
-import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-from export.layers import Weights, embedding, linear, lm_head, rms_norm
-from export.onnx_builder import BOOL, FLOAT, INT64, Graph
+from export.layers import MS, Weights, add_rms_norm, embedding, linear, lm_head, rms_norm, stacked_linear
+from export.onnx_builder import FLOAT, INT32, INT64, Graph
 from toolkit.errors import ModelFolderError
 
 
@@ -91,118 +94,104 @@ def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
 
     Decode returns logits [B, V] for its one position. Prefill takes `num_logits` (int64 [1], N) and returns
     logits [B, N, V] for the last N positions: 1 to start generating, the draft tokens + 1 to verify a
-    speculative draft, S to score every position (evaluation). The lm_head runs on those N rows only."""
+    speculative draft, S to score every position (evaluation). The lm_head runs on those N rows only.
+
+    attention_mask [B, T] (T = past + S) marks the real tokens: each row's count of ones is its length, the
+    new tokens of a row sit at its first free cache positions (right padding; a batch that decodes leaves
+    holes in the mask, only the counts matter)."""
     input_ids = g.input("input_ids", INT64, ["batch", seq])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
     num_logits = None if seq == 1 else g.input("num_logits", INT64, [1])
-    cos, sin, mask = attention_inputs(g, cfg, input_ids, attention_mask)
+    lengths = attention_lengths(g, attention_mask)
+    rope = rope_tables(g, cfg)
     h = embedding(g, w, "model.embed_tokens", cfg.vocab_size, cfg.hidden_size, input_ids)
+    delta = None  # the last block's output, added to the residual stream by the next norm
     for i in range(cfg.num_hidden_layers):
         with g.scope(f"layers.{i}"):
-            h = decoder_layer(g, cfg, w, i, h, cos, sin, mask)
+            h, delta = decoder_layer(g, cfg, w, i, h, delta, lengths, rope)
     with g.scope("final"):
+        x, _ = add_rms_norm(g, w, "model.norm", cfg, delta, h)
         if num_logits is None:
-            h = g.op("Reshape", h, g.const([0, cfg.hidden_size], np.int64))  # [B, 1, H] -> [B, H]
+            x = g.op("Reshape", x, g.const([0, cfg.hidden_size], np.int64))  # [B, 1, H] -> [B, H]
         else:  # the last N positions: [B, S, H] -> [B, N, H]
-            h = g.op("Slice", h, g.op("Neg", num_logits), g.const([np.iinfo(np.int64).max], np.int64),
+            x = g.op("Slice", x, g.op("Neg", num_logits), g.const([np.iinfo(np.int64).max], np.int64),
                      g.const([1], np.int64))
-        lm_head(g, w, cfg, rms_norm(g, w, "model.norm", cfg, h), out="logits")
+        lm_head(g, w, cfg, x, out="logits")
     g.output("logits", FLOAT, ["batch", cfg.vocab_size] if num_logits is None
              else ["batch", "num_logits", cfg.vocab_size])
 
 
-def attention_inputs(g: Graph, cfg: Qwen2Config, input_ids: str, attention_mask: str):
-    """RoPE tables [B, 1, S, D] and the additive attention mask [B, 1, rep*S, T], made once per graph.
-
-    Positions count only the real tokens (cumsum of attention_mask - 1), so left padding shifts nothing.
-    """
-    with g.scope("rope"):
-        total = g.op("Shape", attention_mask, start=1, end=2)  # [1] = T
-        seq = g.op("Shape", input_ids, start=1, end=2)  # [1] = S
-        past = g.op("Sub", total, seq)
-        pos = g.op("Sub", g.op("CumSum", attention_mask, g.const(1, np.int64)), g.const(1, np.int64))
-        pos = g.op("Slice", pos, past, total, g.const([1], np.int64))  # [B, S]
-        inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
-        freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=FLOAT), g.const([-1], np.int64)),
-                     g.const(inv_freq.astype(np.float32)))  # [B, S, D/2]
-        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], np.int64))
-        cos, sin = g.op("Cos", emb), g.op("Sin", emb)
-    with g.scope("mask"):
-        key_pos = g.op("Range", g.const(0, np.int64), g.op("Squeeze", total), g.const(1, np.int64))  # [T]
-        query_pos = g.op("Range", g.op("Squeeze", past), g.op("Squeeze", total), g.const(1, np.int64))  # [S]
-        causal = g.op("LessOrEqual", key_pos, g.op("Unsqueeze", query_pos, g.const([-1], np.int64)))  # [S, T]
-        keep = g.op("Unsqueeze", g.op("Cast", attention_mask, to=BOOL), g.const([1], np.int64))  # [B, 1, T]
-        allowed = g.op("And", causal, keep)  # [B, S, T]
-        bias = g.op("Where", allowed, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32))
-        rep = cfg.num_attention_heads // cfg.num_key_value_heads
-        # Queries are laid out [B, kv_heads, rep * S, D] (see attention), so the mask repeats rep times.
-        mask = g.op("Tile", g.op("Unsqueeze", bias, g.const([1], np.int64)), g.const([1, 1, rep, 1], np.int64))
-    return cos, sin, mask
+def attention_lengths(g: Graph, attention_mask: str) -> tuple[str, str]:
+    """GroupQueryAttention's view of the mask, made once per graph: seqlens_k int32 [B] (each row's
+    length minus one, new tokens included) and total_sequence_length int32 [] (the mask's width)."""
+    with g.scope("lengths"):
+        count = g.op("ReduceSum", attention_mask, g.const([1], np.int64), keepdims=0)
+        seqlens = g.op("Cast", g.op("Sub", count, g.const(1, np.int64)), to=INT32)
+        total = g.op("Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2)), to=INT32)
+    return seqlens, total
 
 
-def decoder_layer(g: Graph, cfg: Qwen2Config, w: Weights, i: int, h: str, cos: str, sin: str, mask: str) -> str:
-    """Pre-norm residual block: attention, then the SiLU-gated MLP."""
+def rope_tables(g: Graph, cfg: Qwen2Config) -> tuple[str, str]:
+    """cos and sin of position * inv_freq, [max_position_embeddings, head_dim / 2], for GroupQueryAttention's
+    fused non-interleaved (rotate_half) RoPE."""
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
+    angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
+    for name, table in (("rope.cos", np.cos(angles)), ("rope.sin", np.sin(angles))):
+        if name not in g.weights:
+            g.weights.add(name, table.astype(np.float32))
+    return g.weight("rope.cos"), g.weight("rope.sin")
+
+
+def decoder_layer(g: Graph, cfg: Qwen2Config, w: Weights, i: int, h: str, delta: str | None,
+                  lengths: tuple[str, str], rope: tuple[str, str]) -> tuple[str, str]:
+    """Pre-norm residual block. The residual adds are folded into the norms: (h, delta) in, where the
+    stream is h + delta (delta None for the first layer), (h', delta') out."""
     p = f"model.layers.{i}"
-    x = rms_norm(g, w, f"{p}.input_layernorm", cfg, h)
+    if delta is None:
+        x = rms_norm(g, w, f"{p}.input_layernorm", cfg, h)
+    else:
+        x, h = add_rms_norm(g, w, f"{p}.input_layernorm", cfg, delta, h)
     with g.scope("attn"):
-        h = g.op("Add", h, attention(g, cfg, w, i, x, cos, sin, mask))
-    x = rms_norm(g, w, f"{p}.post_attention_layernorm", cfg, h)
+        a = attention(g, cfg, w, i, x, lengths, rope)
+    x, h = add_rms_norm(g, w, f"{p}.post_attention_layernorm", cfg, a, h)
     with g.scope("mlp"):
-        return g.op("Add", h, mlp(g, cfg, w, f"{p}.mlp", x))
+        return h, mlp(g, cfg, w, f"{p}.mlp", x)
 
 
 def mlp(g: Graph, cfg: Qwen2Config, w: Weights, p: str, x: str) -> str:
-    """down_proj(silu(gate_proj(x)) * up_proj(x))
+    """down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up as one stacked matmul.
 
-        x ──gate_proj──► Sigmoid·Mul (SiLU) ──┐
-        x ──up_proj────────────────────────► Mul ──down_proj──►
+        x ──[gate; up]──► Split ─ gate ─► Sigmoid·Mul (SiLU) ──┐
+                                └ up ───────────────────────► Mul ──down_proj──►
     """
     H, I = cfg.hidden_size, cfg.intermediate_size
-    gate = linear(g, w, f"{p}.gate_proj", x, I, H)
-    up = linear(g, w, f"{p}.up_proj", x, I, H)
+    gate_up = stacked_linear(g, w, f"{p}.gate_up_proj", [(f"{p}.gate_proj", I), (f"{p}.up_proj", I)], x, H)
+    gate, up = g.op_multi("Split", gate_up, n_out=2, axis=-1, num_outputs=2)
     silu = g.op("Mul", gate, g.op("Sigmoid", gate))
     return linear(g, w, f"{p}.down_proj", g.op("Mul", silu, up), H, I)
 
 
-def attention(g: Graph, cfg: Qwen2Config, w: Weights, i: int, x: str, cos: str, sin: str, mask: str) -> str:
-    """Grouped-query self-attention over [past KV ; new KV], written back as present.{i}.key|value.
+def attention(g: Graph, cfg: Qwen2Config, w: Weights, i: int, x: str, lengths: tuple[str, str],
+              rope: tuple[str, str]) -> str:
+    """Grouped-query self-attention with RoPE and the KV cache, in com.microsoft GroupQueryAttention.
 
-        x ─q_proj─► [B,S,nh,D] ─► [B,nh,S,D] ─RoPE─► [B,kvh,rep*S,D] ──┐
-        x ─k_proj─► [B,kvh,S,D] ─RoPE─► Concat(past) = present.key ──► Q·Kᵀ/√D + mask ─► Softmax ─┐
-        x ─v_proj─► [B,kvh,S,D] ──────► Concat(past) = present.value ─────────────────────────► ·V ─► o_proj
+        x ──[q; k; v] (+ bias)──► GroupQueryAttention ──► o_proj
+                 past_key_values.{i}.key|value ──┘  └──► present.{i}.key|value   [B, kv_heads, T, D]
 
-    Each KV head serves `rep` query heads; folding those heads into the row axis of Q lets one MatMul per
-    KV head do the work without materialising repeated keys.
+    The op rotates q and k (positions from each row's length), appends k and v to the past, and attends
+    causally; each KV head serves num_heads / kv_heads query heads without repeating them.
     """
     p = f"model.layers.{i}.self_attn"
     nh, kvh, D, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     past_k, past_v, present_k, present_v = kv_names(i)
-
-    def heads(name: str, n: int) -> str:  # [B, S, n*D] -> [B, n, S, D]
-        y = linear(g, w, f"{p}.{name}", x, n * D, H, bias=True)
-        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, D], np.int64)), perm=[0, 2, 1, 3])
-
-    q = rope(g, heads("q_proj", nh), cos, sin)
-    k = rope(g, heads("k_proj", kvh), cos, sin)
-    v = heads("v_proj", kvh)
+    qkv = stacked_linear(g, w, f"{p}.qkv_proj", [(f"{p}.q_proj", nh * D), (f"{p}.k_proj", kvh * D),
+                                                 (f"{p}.v_proj", kvh * D)], x, H, bias=True)
     for name in (past_k, past_v):
         g.input(name, FLOAT, ["batch", kvh, "past_sequence", D])
-    k = g.op("Concat", past_k, k, axis=2, out=present_k)  # [B, kvh, T, D]
-    v = g.op("Concat", past_v, v, axis=2, out=present_v)
+    seqlens, total = lengths
+    y, _, _ = g.op_multi("GroupQueryAttention", qkv, None, None, past_k, past_v, seqlens, total, *rope, n_out=3,
+                         outs=[None, present_k, present_v], domain=MS, num_heads=nh,
+                         kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0)
     for name in (present_k, present_v):
         g.output(name, FLOAT, ["batch", kvh, "total_sequence", D])
-
-    q = g.op("Reshape", g.op("Mul", q, g.const(1.0 / math.sqrt(D), np.float32)),
-             g.const([0, kvh, -1, D], np.int64))  # [B, kvh, rep*S, D]
-    scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), mask)  # [B, kvh, rep*S, T]
-    y = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, kvh, rep*S, D]
-    y = g.op("Transpose", g.op("Reshape", y, g.const([0, nh, -1, D], np.int64)), perm=[0, 2, 1, 3])
-    y = g.op("Reshape", y, g.const([0, 0, nh * D], np.int64))  # [B, S, nh*D]
     return linear(g, w, f"{p}.o_proj", y, H, nh * D)
-
-
-def rope(g: Graph, x: str, cos: str, sin: str) -> str:
-    """x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a] on the last axis."""
-    a, b = g.op_multi("Split", x, n_out=2, axis=-1, num_outputs=2)
-    rotated = g.op("Concat", g.op("Neg", b), a, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))

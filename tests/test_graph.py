@@ -124,7 +124,7 @@ def test_one_session_generates_what_two_sessions_do(bits, exported):
 
 
 @pytest.mark.parametrize("bits", [32, 8])
-def test_left_padded_batch_equals_prompts_one_by_one(bits, exported):
+def test_batch_equals_prompts_one_by_one(bits, exported):
     model = toolkit.load(exported("untied_bf16", bits=bits))
     prompts = ["def reverse(s):", "Héllo wörld 🙂", "The quick brown fox jumps over the lazy dog."]
     batch = model.complete(prompts, max_new_tokens=12, temperature=0)

@@ -20,7 +20,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """Positions held (including left padding)."""
+        """Positions held (for a batch: the longest row's, shorter rows padded)."""
         return self.values[0].shape()[2]
 
     def bind(self, binding: ort.IOBinding) -> None:
@@ -29,6 +29,20 @@ class KVCache:
             binding.bind_ortvalue_input(past_v, self.values[2 * i + 1])
             binding.bind_output(present_k)
             binding.bind_output(present_v)
+
+    @classmethod
+    def join(cls, caches: list["KVCache"], length: int) -> "KVCache":
+        """One batch cache from single-row caches, each row right-padded with zeros to `length` positions."""
+        joined = cls.__new__(cls)
+        joined.layers, joined.names = caches[0].layers, caches[0].names
+        joined.values = []
+        for i in range(2 * joined.layers):
+            rows = [c.values[i].numpy() for c in caches]
+            batch = np.zeros((len(rows), rows[0].shape[1], length, rows[0].shape[3]), dtype=rows[0].dtype)
+            for r, v in enumerate(rows):
+                batch[r, :, :v.shape[2]] = v[0]
+            joined.values.append(ort.OrtValue.ortvalue_from_numpy(batch))
+        return joined
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` positions (a chat's shared prefix), dropping the rest."""

@@ -5,7 +5,8 @@
     for piece in model.stream("def fib(n):", max_new_tokens=64):
         print(piece, end="", flush=True)
 
-Generation: one prefill call over the (left-padded) prompt batch, then one call per new token, the present
+Generation: one prefill call per prompt (a batch is then joined into one right-padded cache), then one call
+per new token (for the whole batch), the present
 KV OrtValues of each call bound as the next call's past through IO binding (no numpy copy). By default one
 session (prefill.onnx) serves every call, so the prepacked weights exist once in RAM; decode_graph=True
 runs the single-token steps through decode.onnx in a second session instead.
@@ -173,7 +174,7 @@ class Model:
     def complete(self, prompts: list, max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, stop=(), lookup: int = 0) -> list[Completion]:
-        """Generate for a list of prompts (str, message lists, or lists of token ids) as one left-padded batch.
+        """Generate for a list of prompts (str, message lists, or lists of token ids) as one batch.
 
         Sampling options default to the model's generation_config; temperature 0 is greedy. Generation
         of a sequence ends at any of the model's end tokens, at a `stop` string, or after max_new_tokens.
@@ -224,16 +225,14 @@ class Model:
         rows = [Row(self, prompts[r], stop, _collect[r] if _collect else None,
                     make_sampler(params if params.seed is None else replace(params, seed=params.seed + r)))
                 for r in range(batch)]
-        if cache is None:
-            cache = KVCache(self.manifest["kv_cache"], batch)
-            input_ids, mask = left_pad(prompts, self.pad_id)
-        else:
+        t = time.perf_counter()
+        if cache is not None:
             assert batch == 1 and 0 <= cache.length < longest, "a reused cache must leave a token to prefill"
             stats.reused_tokens = cache.length
-            input_ids = np.array([prompts[0][cache.length:]], dtype=np.int64)
             mask = np.ones((1, longest), dtype=np.int64)
-        t = time.perf_counter()
-        logits = self._step("prefill", input_ids, mask, cache)[:, -1]
+            logits = self._step("prefill", np.array([prompts[0][cache.length:]], dtype=np.int64), mask, cache)[:, -1]
+        else:
+            logits, mask, cache = self._prefill_rows(prompts)
         stats.prefill_seconds = time.perf_counter() - t
         t = time.perf_counter()
         if lookup:
@@ -259,6 +258,24 @@ class Model:
             piece = row.flush()
             if piece:
                 yield r, piece
+
+    def _prefill_rows(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, KVCache]:
+        """Prefill each prompt alone, then join the rows into one right-padded batch cache: (last-position
+        logits [B, V], attention_mask [B, longest], cache). A row's tokens must sit at its first cache
+        positions (GroupQueryAttention reads lengths from the mask), so rows are not left-padded together."""
+        caches, logits = [], []
+        for p in prompts:
+            cache = KVCache(self.manifest["kv_cache"], 1)
+            ids = np.array([p], dtype=np.int64)
+            logits.append(self._step("prefill", ids, np.ones_like(ids), cache)[:, -1])
+            caches.append(cache)
+        if len(prompts) == 1:
+            return logits[0], np.ones((1, len(prompts[0])), dtype=np.int64), caches[0]
+        longest = max(len(p) for p in prompts)
+        mask = np.zeros((len(prompts), longest), dtype=np.int64)
+        for r, p in enumerate(prompts):
+            mask[r, :len(p)] = 1
+        return np.concatenate(logits), mask, KVCache.join(caches, longest)
 
     def _lookup_loop(self, row: "Row", logits: np.ndarray, mask: np.ndarray, cache: KVCache, max_new_tokens: int,
                      draft_max: int, stats: Stats, started: float) -> Iterator[str]:
@@ -401,17 +418,6 @@ def is_batch(prompt) -> bool:
 def is_token_ids(prompt) -> bool:
     """A prompt given as token ids: a non-empty list of ints."""
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, (int, np.integer)) for t in prompt)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and attention_mask [B, longest], prompts aligned to the right."""
-    longest = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), longest), dtype=np.int64)
-    for r, p in enumerate(prompts):
-        ids[r, longest - len(p):] = p
-        mask[r, longest - len(p):] = 1
-    return ids, mask
 
 
 def resolve_provider(provider: str) -> str:
