@@ -6,7 +6,6 @@ import torch
 import toolkit
 from export.quantize import dequantize_weight, quantize_weight
 from tiny import oracle
-from toolkit.kv_cache import KVCache
 
 NAMES = ["tied_fp32", "untied_bf16"]
 PROMPT = "def reverse(s):\n    return"
@@ -39,7 +38,7 @@ def dequantized_oracle(folder, bits, group_size, symmetric, method="rtn", bits_f
 def step_logits(folder, ids, steps):
     """Prefill on `ids`, then `steps` greedy calls of decode.onnx: logits of every call and the tokens chosen."""
     model = toolkit.load(folder, decode_graph=True)
-    cache = KVCache(model.manifest["kv_cache"], 1)
+    cache = model.new_cache(1)
     out = [run(model, [ids], [[1] * len(ids)], cache, "prefill")[0]]
     tokens = list(ids)
     for _ in range(steps):
@@ -91,15 +90,15 @@ def test_prefill_equals_prefix_prefill_plus_decode(bits, decode_graph, exported)
     """decode_graph=False: the single-token steps go through the prefill graph (the default runtime path)."""
     model = toolkit.load(exported("tied_fp32", bits=bits), decode_graph=decode_graph)
     ids = model.tokenizer.encode(PROMPT + " s[::-1]")
-    whole = run(model, [ids], [[1] * len(ids)], KVCache(model.manifest["kv_cache"], 1), "prefill")
-    cache = KVCache(model.manifest["kv_cache"], 1)
+    whole = run(model, [ids], [[1] * len(ids)], model.new_cache(1), "prefill")
+    cache = model.new_cache(1)
     split = 5
     run(model, [ids[:split]], [[1] * split], cache, "prefill")
     for t in range(split, len(ids)):  # the rest one token at a time through the decode graph
         last = run(model, [[ids[t]]], [[1] * (t + 1)], cache, "decode")
     np.testing.assert_allclose(last, whole, atol=1e-4)
     # and a second prefill chunk on top of a non-empty past
-    cache = KVCache(model.manifest["kv_cache"], 1)
+    cache = model.new_cache(1)
     run(model, [ids[:split]], [[1] * split], cache, "prefill")
     chunk = run(model, [ids[split:]], [[1] * len(ids)], cache, "prefill")
     np.testing.assert_allclose(chunk, whole, atol=1e-4)
@@ -147,3 +146,27 @@ def test_quantized_folder_is_smaller_and_stores_each_tensor_once(exported):
                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     assert (int4_folder / "model.weights").stat().st_size < (float_folder / "model.weights").stat().st_size / 3
+
+
+def test_cache_grows_in_place_and_rewinds(exported):
+    """The KV buffers start at 256 positions and double when a call needs more; the graph writes into them
+    (no per-step copy), and cutting the cache back only lowers its length."""
+    model = toolkit.load(exported("tied_fp32", bits=32), max_length=512)
+    ids = (model.tokenizer.encode(PROMPT + " s[::-1]\n") * 40)[:300]
+    whole = run(model, [ids], [[1] * len(ids)], model.new_cache(), "prefill")
+    cache = model.new_cache()
+    assert cache.capacity == 256
+    run(model, [ids[:250]], [[1] * 250], cache, "prefill")
+    buffer = cache.arrays[0]
+    for t in range(250, 256):
+        run(model, [[ids[t]]], [[1] * (t + 1)], cache, "decode")
+    assert cache.arrays[0] is buffer  # written in place
+    for t in range(256, len(ids)):  # crosses the first capacity: one copy into a 512-position buffer
+        last = run(model, [[ids[t]]], [[1] * (t + 1)], cache, "decode")
+    assert cache.capacity == 512 and cache.length == len(ids)
+    np.testing.assert_allclose(last, whole, atol=1e-4)
+    cache.truncate(200)  # rewind: the next call overwrites positions 200..
+    again = run(model, [ids[200:]], [[1] * len(ids)], cache, "prefill")
+    np.testing.assert_allclose(again, whole, atol=1e-4)
+    with pytest.raises(toolkit.ContextOverflowError, match="do not fit max_length 512"):
+        cache.reserve(513)

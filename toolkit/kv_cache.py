@@ -1,56 +1,87 @@
-"""The KV cache between graph calls: one OrtValue per layer for keys and one for values.
+"""The KV cache between graph calls: preallocated buffers that every call writes in place.
 
-The graphs take `past_key_values.{i}.key|value` [B, kv_heads, past, D] and return `present.{i}.key|value`
-[B, kv_heads, past + S, D]; the presents of one call are bound, as they are, as the next call's pasts.
+The graphs take `past_key_values.{i}.key|value` and return `present.{i}.key|value`, both [B, kv_heads,
+positions, D]. Here one buffer per layer for keys and one for values, [B, kv_heads, capacity, D], is bound
+as both the past input and the present output of every call: GroupQueryAttention appends the new keys and
+values in place (onnxruntime's past/present buffer sharing), so a step copies and allocates nothing.
+`length` is the number of positions in use (the attention mask's width); cutting the cache back (a chat's
+shared prefix, a rejected speculative draft) just lowers it. The capacity starts small and doubles when a
+call needs more (one copy), up to `limit` (the model's max_length): the full context is never allocated
+up front.
 """
 import numpy as np
 import onnxruntime as ort
 
+from toolkit.errors import ContextOverflowError
+
+START = 256  # positions allocated at first
+
 
 class KVCache:
-    """Past keys and values for a batch; `bind` feeds them to a call, `update` takes the presents."""
+    """Keys and values of a batch of sequences; `bind` feeds them to a call, which extends them in place."""
 
-    def __init__(self, spec: dict, batch: int):
+    def __init__(self, spec: dict, batch: int, limit: int, capacity: int = START):
         self.layers = spec["num_layers"]
         self.names = [(spec["past_key"].format(layer=i), spec["past_value"].format(layer=i),
                        spec["present_key"].format(layer=i), spec["present_value"].format(layer=i))
                       for i in range(self.layers)]
-        empty = np.zeros((batch, spec["num_key_value_heads"], 0, spec["head_dim"]), dtype=np.float32)
-        self.values = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.layers)]
+        self.batch, self.heads, self.head_dim = batch, spec["num_key_value_heads"], spec["head_dim"]
+        self.limit = limit
+        self.length = 0  # positions in use (for a batch: the longest row's, shorter rows padded)
+        self._allocate(min(capacity, limit))
 
     @property
-    def length(self) -> int:
-        """Positions held (for a batch: the longest row's, shorter rows padded)."""
-        return self.values[0].shape()[2]
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2]
 
-    def bind(self, binding: ort.IOBinding) -> None:
+    def _allocate(self, capacity: int) -> None:
+        """Fresh buffers of `capacity` positions holding the first `length` positions of the old ones."""
+        old = getattr(self, "arrays", None)
+        self.arrays = [np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=np.float32)
+                       for _ in range(2 * self.layers)]
+        if old is not None:
+            for new, previous in zip(self.arrays, old):
+                new[:, :, :self.length] = previous[:, :, :self.length]
+        # OrtValues over the numpy buffers (no copy): what the graph writes, the arrays see
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+
+    def reserve(self, positions: int) -> None:
+        """Make room for `positions` positions in all (doubling the capacity, at most to the limit)."""
+        if positions > self.limit:
+            raise ContextOverflowError(f"KV cache: {positions} positions do not fit max_length {self.limit}")
+        if positions > self.capacity:
+            capacity = self.capacity
+            while capacity < positions:
+                capacity *= 2
+            self._allocate(min(capacity, self.limit))
+
+    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
+        """Bind the buffers as past and present of a call that adds `new_tokens` positions."""
+        self.reserve(self.length + new_tokens)
         for i, (past_k, past_v, present_k, present_v) in enumerate(self.names):
             binding.bind_ortvalue_input(past_k, self.values[2 * i])
             binding.bind_ortvalue_input(past_v, self.values[2 * i + 1])
-            binding.bind_output(present_k)
-            binding.bind_output(present_v)
+            binding.bind_ortvalue_output(present_k, self.values[2 * i])
+            binding.bind_ortvalue_output(present_v, self.values[2 * i + 1])
+
+    def advance(self, new_tokens: int) -> None:
+        """After a call: its positions are in use."""
+        self.length += new_tokens
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions (a chat's shared prefix, an accepted draft), dropping the rest."""
+        self.length = min(self.length, length)
 
     @classmethod
     def join(cls, caches: list["KVCache"], length: int) -> "KVCache":
-        """One batch cache from single-row caches, each row right-padded with zeros to `length` positions."""
-        joined = cls.__new__(cls)
-        joined.layers, joined.names = caches[0].layers, caches[0].names
-        joined.values = []
-        for i in range(2 * joined.layers):
-            rows = [c.values[i].numpy() for c in caches]
-            batch = np.zeros((len(rows), rows[0].shape[1], length, rows[0].shape[3]), dtype=rows[0].dtype)
-            for r, v in enumerate(rows):
-                batch[r, :, :v.shape[2]] = v[0]
-            joined.values.append(ort.OrtValue.ortvalue_from_numpy(batch))
+        """One batch cache from single-row caches, each row's positions first, the rest zeros (right padding)."""
+        first = caches[0]
+        spec = {"num_layers": first.layers, "num_key_value_heads": first.heads, "head_dim": first.head_dim,
+                "past_key": "{layer}", "past_value": "{layer}", "present_key": "{layer}", "present_value": "{layer}"}
+        joined = cls(spec, len(caches), first.limit, capacity=max(length, START))
+        joined.names = first.names
+        for i, array in enumerate(joined.arrays):
+            for r, c in enumerate(caches):
+                array[r, :, :c.length] = c.arrays[i][0, :, :c.length]
+        joined.length = length
         return joined
-
-    def truncate(self, length: int) -> None:
-        """Keep the first `length` positions (a chat's shared prefix), dropping the rest."""
-        if length < self.length:
-            self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]))
-                           for v in self.values]
-
-    def update(self, presents: list) -> None:
-        """Take the presents of a call, in the order `bind` declared them."""
-        assert len(presents) == 2 * self.layers
-        self.values = list(presents)

@@ -116,8 +116,8 @@ class Model:
             raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
 
     def new_cache(self, batch: int = 1) -> KVCache:
-        """An empty KV cache for `batch` sequences."""
-        return KVCache(self.manifest["kv_cache"], batch)
+        """An empty KV cache for `batch` sequences (it grows as needed up to max_length)."""
+        return KVCache(self.manifest["kv_cache"], batch, self.max_length)
 
     def forward(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray, cache: KVCache,
                 num_logits: int = 1) -> np.ndarray:
@@ -265,7 +265,7 @@ class Model:
         positions (GroupQueryAttention reads lengths from the mask), so rows are not left-padded together."""
         caches, logits = [], []
         for p in prompts:
-            cache = KVCache(self.manifest["kv_cache"], 1)
+            cache = self.new_cache(1)
             ids = np.array([p], dtype=np.int64)
             logits.append(self._step("prefill", ids, np.ones_like(ids), cache)[:, -1])
             caches.append(cache)
@@ -336,11 +336,10 @@ class Model:
         if graph == "prefill":
             binding.bind_cpu_input("num_logits", np.array([num_logits], dtype=np.int64))
         binding.bind_output("logits")
-        cache.bind(binding)
+        cache.bind(binding, input_ids.shape[1])
         session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()  # in bind order: logits, then the presents
-        cache.update(outputs[1:])
-        logits = outputs[0].numpy()
+        cache.advance(input_ids.shape[1])  # the graph wrote the new keys and values into the cache's buffers
+        logits = binding.get_outputs()[0].numpy()
         return logits[:, 0] if one_token else logits
 
     def sampling_params(self, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
