@@ -27,13 +27,20 @@ WEIGHTS_FILE = "model.weights"
 GRAPHS = {"prefill": "sequence", "decode": 1}
 
 
+OPS = ("fast", "portable")
+
+
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
-           calibration: Path | None = None, calibration_sequences: int = 16) -> Path:
+           calibration: Path | None = None, calibration_sequences: int = 16, ops: str = "fast") -> Path:
     """Export checkpoint `src` (a Hugging Face folder or a GGUF file) to model folder `out`; return `out`.
 
     With spec.method == "calibrated", the float model first runs over `calibration` (a UTF-8 text file;
-    default: the text shipped in export/data) to weigh each matrix's rounding error by its activations."""
+    default: the text shipped in export/data) to weigh each matrix's rounding error by its activations.
+    ops "fast" uses onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, …); "portable" standard
+    ONNX only (export/portable.py)."""
     src, out = Path(src), Path(out)
+    if ops not in OPS:
+        raise ArgumentError(f"--ops {ops}: expected one of {', '.join(OPS)}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if out.exists() and not force:
         raise ArgumentError(f"{out}: already exists; pass --force to replace it")
@@ -57,8 +64,8 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
         importance = None
         if spec.method == "calibrated":
             importance = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
-        graphs, stored = write_graphs(tmp, ckpt, cfg, spec, log, importance)
-        manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, stored, time.time() - started)
+        graphs, stored = write_graphs(tmp, ckpt, cfg, spec, log, importance, ops)
+        manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, stored, time.time() - started, ops)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:
@@ -102,12 +109,13 @@ def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences
     return stats
 
 
-def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log, importance: dict | None = None) -> dict:
+def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log, importance: dict | None = None,
+                 ops: str = "fast") -> dict:
     """Build prefill.onnx and decode.onnx over one shared weights file.
 
     Returns ({graph name: ModelProto}, {"file", "quantized", "float", "bytes"} of the weights file)."""
     weights = WeightFile(folder / WEIGHTS_FILE)
-    w = Weights(ckpt, spec, tied=cfg.tie_word_embeddings, importance=importance)
+    w = Weights(ckpt, spec, tied=cfg.tie_word_embeddings, importance=importance, ops=ops)
     graphs = {}
     try:
         for name, seq in GRAPHS.items():

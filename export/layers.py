@@ -2,10 +2,12 @@
 
 The weight's storage decides the op (as mlx-lm swaps in QuantizedLinear per module): a float export
 emits MatMul / Gather / Gemm, a quantized one com.microsoft MatMulNBits / GatherBlockQuantized. With
-tied embeddings the embedding and the lm_head read one quantized blob, stored once.
+tied embeddings the embedding and the lm_head read one quantized blob, stored once. With ops "portable"
+the quantized ones are standard DequantizeLinear + MatMul / Gather instead (export/portable.py).
 """
 import numpy as np
 
+from export import portable
 from export.checkpoint import Checkpoint
 from export.onnx_builder import Graph
 from export.quantize import QuantSpec, quantize_weight
@@ -17,8 +19,11 @@ class Weights:
     """Tensors for the graph functions: read lazily from the checkpoint, quantized per the spec, and
     recorded (`self.quantized`, `self.float`) for the manifest."""
 
-    def __init__(self, ckpt: Checkpoint, spec: QuantSpec, tied: bool, importance: dict | None = None):
+    def __init__(self, ckpt: Checkpoint, spec: QuantSpec, tied: bool, importance: dict | None = None,
+                 ops: str = "fast"):
         self.ckpt, self.spec, self.tied = ckpt, spec, tied
+        self.ops = ops  # "fast" (onnxruntime contrib ops) or "portable" (standard ONNX only)
+        self._quantized = {}  # checkpoint matrix name -> QuantizedWeight, quantized once for every graph
         self.importance = importance or {}  # matrix name -> mean square of its input channels (calibrated)
         self.quantized: dict[str, int] = {}  # checkpoint tensor name -> bits, for those stored as int4/int8
         self.groups: dict[str, int] = {}  # checkpoint tensor name -> group size, for the same tensors
@@ -32,7 +37,9 @@ class Weights:
 
 
 def quantize_matrix(w: Weights, name: str, n: int, k: int):
-    """Checkpoint weight `name` [n, k] quantized per the spec (recorded for the manifest)."""
+    """Checkpoint weight `name` [n, k] quantized per the spec (once; recorded for the manifest)."""
+    if name in w._quantized:
+        return w._quantized[name]
     method = w.spec.method
     importance = w.importance.get(name)
     if method == "calibrated" and importance is None:  # e.g. an untied embedding: no matmul input
@@ -41,6 +48,7 @@ def quantize_matrix(w: Weights, name: str, n: int, k: int):
                          w.spec.group_for(name, w.tied), w.spec.symmetric, method, importance)
     w.quantized[f"{name}.weight"] = qw.bits
     w.groups[f"{name}.weight"] = qw.group_size
+    w._quantized[name] = qw
     return qw
 
 
@@ -87,6 +95,10 @@ def stacked_linear(g: Graph, w: Weights, name: str, parts: list[tuple[str, int]]
         if b not in g.weights:
             g.weights.add(b, np.concatenate([w.tensor(f"{part}.bias", (n,)) for part, n in parts]))
         b = g.weight(b)
+    if w.spec.quantized and w.ops == "portable":
+        qws = [quantize_matrix(w, part, n, k) for part, n in parts]
+        y = g.op("MatMul", x, portable.dequantized_matrix(g, name, qws, qws[0].bits, qws[0].group_size))
+        return g.op("Add", y, b) if b else y
     if w.spec.quantized:
         return matmul_nbits(g, w, name, parts, x, k, bias=b)
     wt = f"{name}.weight.T"  # stored as [k, n] so MatMul reads it without a Transpose
@@ -100,6 +112,8 @@ def embedding(g: Graph, w: Weights, name: str, vocab: int, hidden: int, ids: str
     """Rows of the token embedding table [vocab, hidden] for `ids` [B, S] -> [B, S, hidden]."""
     if not w.spec.quantized:
         return g.op("Gather", float_matrix(g, w, name, vocab, hidden), ids)
+    if w.ops == "portable":
+        return portable.embedding(g, name, quantize_matrix(w, name, vocab, hidden), ids)
     data, scales, zp = quantized(g, w, name, [(name, vocab)], hidden)
     # GatherBlockQuantized reads the MatMulNBits blob [V, H/group, group*bits/8] as [V, H*bits/8].
     bits, group = w.stacked[name]
@@ -112,6 +126,9 @@ def lm_head(g: Graph, w: Weights, cfg, x: str, out: str) -> str:
     """Logits [..., vocab] from hidden states [..., hidden]; tied checkpoints reuse the embedding."""
     name = "model.embed_tokens" if w.tied else "lm_head"
     V, H = cfg.vocab_size, cfg.hidden_size
+    if w.spec.quantized and w.ops == "portable":
+        qw = quantize_matrix(w, name, V, H)
+        return g.op("MatMul", x, portable.dequantized_matrix(g, name, [qw], qw.bits, qw.group_size), out=out)
     if w.spec.quantized:
         return matmul_nbits(g, w, name, [(name, V)], x, H, out=out)
     # Gemm reads the [V, H] table transposed in place (a Transpose node would be constant-folded into a
@@ -140,6 +157,8 @@ def norm_weight(g: Graph, w: Weights, name: str, cfg) -> str:
 
 def rms_norm(g: Graph, w: Weights, name: str, cfg, x: str) -> str:
     """x / sqrt(mean(x²) + eps) * weight, computed in float32 (ORT's SimplifiedLayerNormalization)."""
+    if w.ops == "portable":
+        return portable.rms_norm(g, norm_weight(g, w, name, cfg), cfg.rms_norm_eps, x)
     return g.op("SimplifiedLayerNormalization", x, norm_weight(g, w, name, cfg), axis=-1, epsilon=cfg.rms_norm_eps,
                 stash_type=1)
 
@@ -147,6 +166,9 @@ def rms_norm(g: Graph, w: Weights, name: str, cfg, x: str) -> str:
 def add_rms_norm(g: Graph, w: Weights, name: str, cfg, x: str, residual: str) -> tuple[str, str]:
     """The residual step and the next norm in one op: (rms_norm(residual + x), residual + x), with
     com.microsoft SkipSimplifiedLayerNormalization."""
+    if w.ops == "portable":
+        total = g.op("Add", residual, x)
+        return rms_norm(g, w, name, cfg, total), total
     normed, _, _, total = g.op_multi("SkipSimplifiedLayerNormalization", x, residual, norm_weight(g, w, name, cfg),
                                      n_out=4, domain=MS, epsilon=cfg.rms_norm_eps)
     return normed, total

@@ -17,7 +17,7 @@ _DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int6
 
 
 def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpec, graphs: dict, stored: dict,
-                   export_seconds: float) -> dict:
+                   export_seconds: float, ops: str = "fast") -> dict:
     """The manifest of model folder `folder`, whose graphs, weights and side files are already written;
     `config` is the checkpoint's config.json (or the GGUF metadata under the same names)."""
     tok_cfg = optional_json(folder / "tokenizer_config.json")
@@ -45,6 +45,7 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "tied_embeddings": cfg.tie_word_embeddings,
             "weights_bytes": sum(stored["bytes"].values()),
         },
+        "ops": ops,  # "fast": onnxruntime contrib ops; "portable": standard ONNX only
         "weights_file": stored["file"],
         "graphs": {name: describe_graph(f"{name}.onnx", model) for name, model in graphs.items()},
         "kv_cache": {
@@ -56,6 +57,9 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "past_value": "past_key_values.{layer}.value",
             "present_key": "present.{layer}.key",
             "present_value": "present.{layer}.value",
+            # in place: one buffer per tensor is bound as past and present, the graph writes the new positions
+            # into it (GroupQueryAttention); otherwise present = [past; new], a new tensor each call
+            "in_place": ops == "fast",
         },
         "tokenizer": {"file": "tokenizer.json", "special_tokens": specials},
         "chat_template": chat_template(folder, tok_cfg),

@@ -19,6 +19,7 @@ OPSET = 21  # ONNX default domain
 MS_OPSET = 1  # com.microsoft contrib ops
 IR_VERSION = 10  # onnxruntime 1.2x-1.3x refuse the IR 14 that onnx 1.23 writes by default
 INT64, INT32, FLOAT, BOOL = TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT, TensorProto.BOOL
+INT4, UINT4, INT8, UINT8 = TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8
 
 _BIG = 1 << 20  # tensors from 1 MiB up start on a 64 KiB boundary so ORT can memory-map them
 _BIG_ALIGN, _SMALL_ALIGN = 1 << 16, 64
@@ -37,11 +38,13 @@ class WeightFile:
     def __contains__(self, name: str) -> bool:
         return name in self._protos
 
-    def add(self, name: str, array: np.ndarray) -> TensorProto:
-        """Append `array` (once) and return an initializer that points at it."""
+    def add(self, name: str, array: np.ndarray, shape: tuple | None = None, elem_type: int | None = None) -> TensorProto:
+        """Append `array` (once) and return an initializer that points at it. `shape` and `elem_type`
+        declare another logical tensor over the same bytes (4-bit types: two values per byte)."""
+        shape = tuple(array.shape) if shape is None else tuple(shape)
         if name in self._protos:
             proto = self._protos[name]
-            assert list(proto.dims) == list(array.shape), f"{name} added twice with different shapes"
+            assert tuple(proto.dims) == shape, f"{name} added twice with different shapes"
             return proto
         data = np.ascontiguousarray(array).tobytes()
         align = _BIG_ALIGN if len(data) >= _BIG else _SMALL_ALIGN
@@ -49,7 +52,7 @@ class WeightFile:
         self._f.write(b"\0" * pad)
         self._offset += pad
         self._f.write(data)
-        proto = self._external(name, array.shape, helper.np_dtype_to_tensor_dtype(array.dtype),
+        proto = self._external(name, shape, elem_type or helper.np_dtype_to_tensor_dtype(array.dtype),
                                self._offset, len(data))
         self._offset += len(data)
         self._protos[name] = proto
@@ -152,5 +155,7 @@ class Graph:
     def to_model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   list(self.initializers.values()))
-        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)]
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(n.domain == "com.microsoft" for n in self.nodes):
+            opsets.append(helper.make_opsetid("com.microsoft", MS_OPSET))
         return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="qwen-edge")

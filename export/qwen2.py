@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from export import portable
 from export.layers import MS, Weights, add_rms_norm, embedding, linear, lm_head, rms_norm, stacked_linear
 from export.onnx_builder import FLOAT, INT32, INT64, Graph
 from toolkit.errors import ModelFolderError
@@ -102,13 +103,15 @@ def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
     input_ids = g.input("input_ids", INT64, ["batch", seq])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
     num_logits = None if seq == 1 else g.input("num_logits", INT64, [1])
-    lengths = attention_lengths(g, attention_mask)
-    rope = rope_tables(g, cfg)
+    if w.ops == "portable":  # RoPE tables and the attention mask, once per graph
+        context = portable.attention_inputs(g, cfg, input_ids, attention_mask)
+    else:  # each row's length for GroupQueryAttention, and its RoPE tables
+        context = (*attention_lengths(g, attention_mask), *rope_tables(g, cfg))
     h = embedding(g, w, "model.embed_tokens", cfg.vocab_size, cfg.hidden_size, input_ids)
     delta = None  # the last block's output, added to the residual stream by the next norm
     for i in range(cfg.num_hidden_layers):
         with g.scope(f"layers.{i}"):
-            h, delta = decoder_layer(g, cfg, w, i, h, delta, lengths, rope)
+            h, delta = decoder_layer(g, cfg, w, i, h, delta, context)
     with g.scope("final"):
         x, _ = add_rms_norm(g, w, "model.norm", cfg, delta, h)
         if num_logits is None:
@@ -143,7 +146,7 @@ def rope_tables(g: Graph, cfg: Qwen2Config) -> tuple[str, str]:
 
 
 def decoder_layer(g: Graph, cfg: Qwen2Config, w: Weights, i: int, h: str, delta: str | None,
-                  lengths: tuple[str, str], rope: tuple[str, str]) -> tuple[str, str]:
+                  context: tuple) -> tuple[str, str]:
     """Pre-norm residual block. The residual adds are folded into the norms: (h, delta) in, where the
     stream is h + delta (delta None for the first layer), (h', delta') out."""
     p = f"model.layers.{i}"
@@ -152,7 +155,7 @@ def decoder_layer(g: Graph, cfg: Qwen2Config, w: Weights, i: int, h: str, delta:
     else:
         x, h = add_rms_norm(g, w, f"{p}.input_layernorm", cfg, delta, h)
     with g.scope("attn"):
-        a = attention(g, cfg, w, i, x, lengths, rope)
+        a = attention(g, cfg, w, i, x, context)
     x, h = add_rms_norm(g, w, f"{p}.post_attention_layernorm", cfg, a, h)
     with g.scope("mlp"):
         return h, mlp(g, cfg, w, f"{p}.mlp", x)
@@ -171,15 +174,15 @@ def mlp(g: Graph, cfg: Qwen2Config, w: Weights, p: str, x: str) -> str:
     return linear(g, w, f"{p}.down_proj", g.op("Mul", silu, up), H, I)
 
 
-def attention(g: Graph, cfg: Qwen2Config, w: Weights, i: int, x: str, lengths: tuple[str, str],
-              rope: tuple[str, str]) -> str:
+def attention(g: Graph, cfg: Qwen2Config, w: Weights, i: int, x: str, context: tuple) -> str:
     """Grouped-query self-attention with RoPE and the KV cache, in com.microsoft GroupQueryAttention.
 
         x ──[q; k; v] (+ bias)──► GroupQueryAttention ──► o_proj
                  past_key_values.{i}.key|value ──┘  └──► present.{i}.key|value   [B, kv_heads, T, D]
 
     The op rotates q and k (positions from each row's length), appends k and v to the past, and attends
-    causally; each KV head serves num_heads / kv_heads query heads without repeating them.
+    causally; each KV head serves num_heads / kv_heads query heads without repeating them. With ops
+    "portable" the same in standard ops (export/portable.py), present = [past; new].
     """
     p = f"model.layers.{i}.self_attn"
     nh, kvh, D, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
@@ -188,10 +191,12 @@ def attention(g: Graph, cfg: Qwen2Config, w: Weights, i: int, x: str, lengths: t
                                                  (f"{p}.v_proj", kvh * D)], x, H, bias=True)
     for name in (past_k, past_v):
         g.input(name, FLOAT, ["batch", kvh, "past_sequence", D])
-    seqlens, total = lengths
-    y, _, _ = g.op_multi("GroupQueryAttention", qkv, None, None, past_k, past_v, seqlens, total, *rope, n_out=3,
-                         outs=[None, present_k, present_v], domain=MS, num_heads=nh,
-                         kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0)
+    if w.ops == "portable":
+        y = portable.attention(g, cfg, qkv, kv_names(i), context)
+    else:
+        y, _, _ = g.op_multi("GroupQueryAttention", qkv, None, None, past_k, past_v, *context, n_out=3,
+                             outs=[None, present_k, present_v], domain=MS, num_heads=nh, kv_num_heads=kvh,
+                             do_rotary=1, rotary_interleaved=0)
     for name in (present_k, present_v):
         g.output(name, FLOAT, ["batch", kvh, "total_sequence", D])
     return linear(g, w, f"{p}.o_proj", y, H, nh * D)

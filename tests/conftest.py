@@ -28,18 +28,19 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, checkpoint):
-    """exported(name, bits=32, group_size=32, symmetric=True) -> model folder, exported once per session."""
+    """exported(name, bits=32, group_size=32, symmetric=True, ops="fast") -> model folder, exported once per
+    session."""
     from export import QuantSpec, export
 
     made = {}
 
-    def get(name: str, bits: int = 32, group_size: int = 32, symmetric: bool = True) -> Path:
-        key = (name, bits, group_size, symmetric)
+    def get(name: str, bits: int = 32, group_size: int = 32, symmetric: bool = True, ops: str = "fast") -> Path:
+        key = (name, bits, group_size, symmetric, ops)
         if key not in made:
-            out = tmp_path_factory.mktemp("exports") / f"{name}-{bits}-{group_size}-{symmetric}"
+            out = tmp_path_factory.mktemp("exports") / f"{name}-{bits}-{group_size}-{symmetric}-{ops}"
             # int8 at accuracy level 0: exact float math, so the graphs can be compared with the oracle at 1e-4
             spec = QuantSpec(bits, group_size, symmetric, int8_accuracy_level=0)
-            made[key] = export(checkpoint(name), out, spec, log=lambda m: None)
+            made[key] = export(checkpoint(name), out, spec, log=lambda m: None, ops=ops)
         return made[key]
 
     return get

@@ -43,9 +43,12 @@ def cli():
               help="group size of an untied embedding; default: 64 at 4 bits, else --group-size")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
               help="UTF-8 text for --method calibrated (default: the text shipped with qwen-edge)")
+@click.option("--ops", type=click.Choice(["fast", "portable"]), default="fast", show_default=True,
+              help="fast: onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, ...); portable: standard "
+                   "ONNX only (opset 21: DequantizeLinear, MatMul, standard attention)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, lm_head_bits, embed_bits,
-               lm_head_group_size, embed_group_size, calibration, force):
+               lm_head_group_size, embed_group_size, calibration, ops, force):
     """Convert SRC (a Hugging Face Qwen2 folder or a GGUF file) into the model folder OUT."""
     try:
         from export import QuantSpec, export
@@ -59,7 +62,7 @@ def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, l
                                  lm_head_bits=lm_head_bits and int(lm_head_bits),
                                  embed_bits=embed_bits and int(embed_bits), lm_head_group_size=lm_head_group_size,
                                  embed_group_size=embed_group_size)
-    export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration))
+    export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration), ops=ops)
 
 
 def model_options(f):

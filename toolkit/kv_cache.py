@@ -7,7 +7,8 @@ values in place (onnxruntime's past/present buffer sharing), so a step copies an
 `length` is the number of positions in use (the attention mask's width); cutting the cache back (a chat's
 shared prefix, a rejected speculative draft) just lowers it. The capacity starts small and doubles when a
 call needs more (one copy), up to `limit` (the model's max_length): the full context is never allocated
-up front.
+up front. Graphs exported with `--ops portable` (standard attention) return present = [past; new] as new
+tensors instead (manifest kv_cache.in_place false): then the presents of one call are the next call's pasts.
 """
 import numpy as np
 import onnxruntime as ort
@@ -27,8 +28,16 @@ class KVCache:
                       for i in range(self.layers)]
         self.batch, self.heads, self.head_dim = batch, spec["num_key_value_heads"], spec["head_dim"]
         self.limit = limit
+        self.in_place = spec.get("in_place", True)
         self.length = 0  # positions in use (for a batch: the longest row's, shorter rows padded)
-        self._allocate(min(capacity, limit))
+        if self.in_place:
+            self._allocate(min(capacity, limit))
+        else:
+            self.arrays = None
+            self.values = [ort.OrtValue.ortvalue_from_numpy(self._zeros(0)) for _ in range(2 * self.layers)]
+
+    def _zeros(self, positions: int) -> np.ndarray:
+        return np.zeros((self.batch, self.heads, positions, self.head_dim), dtype=np.float32)
 
     @property
     def capacity(self) -> int:
@@ -37,8 +46,7 @@ class KVCache:
     def _allocate(self, capacity: int) -> None:
         """Fresh buffers of `capacity` positions holding the first `length` positions of the old ones."""
         old = getattr(self, "arrays", None)
-        self.arrays = [np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=np.float32)
-                       for _ in range(2 * self.layers)]
+        self.arrays = [self._zeros(capacity) for _ in range(2 * self.layers)]
         if old is not None:
             for new, previous in zip(self.arrays, old):
                 new[:, :, :self.length] = previous[:, :, :self.length]
@@ -49,7 +57,7 @@ class KVCache:
         """Make room for `positions` positions in all (doubling the capacity, at most to the limit)."""
         if positions > self.limit:
             raise ContextOverflowError(f"KV cache: {positions} positions do not fit max_length {self.limit}")
-        if positions > self.capacity:
+        if self.in_place and positions > self.capacity:
             capacity = self.capacity
             while capacity < positions:
                 capacity *= 2
@@ -61,15 +69,24 @@ class KVCache:
         for i, (past_k, past_v, present_k, present_v) in enumerate(self.names):
             binding.bind_ortvalue_input(past_k, self.values[2 * i])
             binding.bind_ortvalue_input(past_v, self.values[2 * i + 1])
-            binding.bind_ortvalue_output(present_k, self.values[2 * i])
-            binding.bind_ortvalue_output(present_v, self.values[2 * i + 1])
+            if self.in_place:
+                binding.bind_ortvalue_output(present_k, self.values[2 * i])
+                binding.bind_ortvalue_output(present_v, self.values[2 * i + 1])
+            else:
+                binding.bind_output(present_k)
+                binding.bind_output(present_v)
 
-    def advance(self, new_tokens: int) -> None:
-        """After a call: its positions are in use."""
+    def advance(self, new_tokens: int, presents: list) -> None:
+        """After a call: its positions are in use (`presents`: the call's present outputs, in bind order)."""
         self.length += new_tokens
+        if not self.in_place:
+            self.values = list(presents)
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` positions (a chat's shared prefix, an accepted draft), dropping the rest."""
+        if length < self.length and not self.in_place:
+            self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]))
+                           for v in self.values]
         self.length = min(self.length, length)
 
     @classmethod
@@ -78,10 +95,15 @@ class KVCache:
         first = caches[0]
         spec = {"num_layers": first.layers, "num_key_value_heads": first.heads, "head_dim": first.head_dim,
                 "past_key": "{layer}", "past_value": "{layer}", "present_key": "{layer}", "present_value": "{layer}"}
+        spec["in_place"] = first.in_place
         joined = cls(spec, len(caches), first.limit, capacity=max(length, START))
         joined.names = first.names
-        for i, array in enumerate(joined.arrays):
+        arrays = joined.arrays if first.in_place else [joined._zeros(length) for _ in range(2 * first.layers)]
+        for i, array in enumerate(arrays):
             for r, c in enumerate(caches):
-                array[r, :, :c.length] = c.arrays[i][0, :, :c.length]
+                row = c.arrays[i] if c.in_place else c.values[i].numpy()
+                array[r, :, :c.length] = row[0, :, :c.length]
+        if not first.in_place:
+            joined.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         joined.length = length
         return joined

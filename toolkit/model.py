@@ -86,6 +86,10 @@ class Model:
         self.max_length = min(max_length or context, context)
         self.defaults = self.manifest.get("generation", {})
         self._options = session_options(threads)
+        if self.manifest.get("ops") == "portable":
+            # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits at one session-wide accuracy level
+            level = self.manifest["quantization"].get("accuracy_level") or 0
+            self._options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
         self._providers = [resolve_provider(provider)]
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._load_lock = threading.Lock()
@@ -338,8 +342,9 @@ class Model:
         binding.bind_output("logits")
         cache.bind(binding, input_ids.shape[1])
         session.run_with_iobinding(binding)
-        cache.advance(input_ids.shape[1])  # the graph wrote the new keys and values into the cache's buffers
-        logits = binding.get_outputs()[0].numpy()
+        outputs = binding.get_outputs()  # in bind order: logits, then the presents
+        cache.advance(input_ids.shape[1], outputs[1:])
+        logits = outputs[0].numpy()
         return logits[:, 0] if one_token else logits
 
     def sampling_params(self, temperature=None, top_k=None, top_p=None, repetition_penalty=None,

@@ -63,6 +63,7 @@ OURS = {  # variant -> how `qwen-edge export` makes it
     "int4-rtn": "--method rtn --symmetric --lm-head-bits 4 --accuracy-level 4 (what genai's int4 does)",
     "int8": "the defaults (rtn, symmetric g32)",
     "fp32": "--bits 32 (the reference)",
+    "int4-portable": "the int4 defaults with --ops portable (standard ONNX only; onnxruntime fuses it back)",
 }
 
 
@@ -71,11 +72,12 @@ def export_ours(work: Path) -> None:
 
     specs = {"int4": QuantSpec.recommended(4),
              "int4-rtn": QuantSpec(bits=4, method="rtn", symmetric=True, accuracy_level=4),
-             "int8": QuantSpec.recommended(8), "fp32": QuantSpec.recommended(32)}
+             "int8": QuantSpec.recommended(8), "fp32": QuantSpec.recommended(32),
+             "int4-portable": QuantSpec.recommended(4)}
     for variant, spec in specs.items():
         out = work / f"qwen-edge-{variant}"
         if not (out / "qwen-edge.json").exists():
-            export(SAMPLE_GGUF, out, spec, force=True)
+            export(SAMPLE_GGUF, out, spec, force=True, ops="portable" if variant.endswith("portable") else "fast")
 
 
 def prepare_inputs(work: Path) -> tuple[Path, dict]:
