@@ -268,18 +268,19 @@ class QuantSpec:
         int8_accuracy_level says otherwise (the tests set 0 to compare with float math exactly)."""
         return self.int8_accuracy_level if bits == 8 else self.accuracy_level
 
-    def group_for(self, name: str, tied: bool) -> int:
-        """Group size of checkpoint matrix `name` (without .weight)."""
+    @staticmethod
+    def role(name: str, tied: bool) -> str:
+        """"lm_head" (a tied embedding is the lm_head's blob), "embedding" or "layer" for checkpoint matrix
+        `name` (without .weight): what decides its bits and group size."""
         if name == "lm_head" or (tied and name == "model.embed_tokens"):
-            return self.lm_head_group_size or self.group_size
-        if name == "model.embed_tokens":
-            return self.embed_group_size or self.group_size
-        return self.group_size
+            return "lm_head"
+        return "embedding" if name == "model.embed_tokens" else "layer"
+
+    def group_for(self, name: str, tied: bool) -> int:
+        """Group size of checkpoint matrix `name`."""
+        chosen = {"lm_head": self.lm_head_group_size, "embedding": self.embed_group_size}.get(self.role(name, tied))
+        return chosen or self.group_size
 
     def bits_for(self, name: str, tied: bool) -> int:
-        """Bits of checkpoint matrix `name` (without .weight)."""
-        if name == "lm_head" or (tied and name == "model.embed_tokens"):
-            return self.lm_head_bits or self.bits
-        if name == "model.embed_tokens":
-            return self.embed_bits or self.bits
-        return self.bits
+        """Bits of checkpoint matrix `name`."""
+        return {"lm_head": self.lm_head_bits, "embedding": self.embed_bits}.get(self.role(name, tied)) or self.bits
