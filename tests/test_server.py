@@ -82,6 +82,16 @@ def test_chat_and_usage(client, local):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_a_follow_up_request_reuses_the_cached_prefix(client, local):
+    history = [{"role": "user", "content": "first question"}]
+    r1 = client.chat.completions.create(model="tiny", messages=history, **GREEDY)
+    history += [{"role": "assistant", "content": r1.choices[0].message.content},
+                {"role": "user", "content": "a follow-up"}]
+    r2 = client.chat.completions.create(model="tiny", messages=history, **GREEDY)
+    assert r2.usage.prompt_tokens_details.cached_tokens > r1.usage.prompt_tokens // 2
+    assert r2.choices[0].message.content == expected(local, history).text
+
+
 def test_streamed_chat(client, local):
     messages = [{"role": "user", "content": "stream this"}]
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, stream=True,

@@ -6,8 +6,10 @@
     GET  /health                liveness plus the queue: active, queued, completed, cancelled, failed
 
 Scheduling: one answer is generated at a time, by one worker thread; requests wait their turn in a FIFO
-(at most `max_queue`, then 503). Every request gets its own KV cache, so answers never mix. A streamed
-answer whose client disconnects is stopped at its next token and the worker moves on.
+(at most `max_queue`, then 503), so answers never mix. The worker keeps the last request's KV cache: a
+request that starts with the same tokens (a chat client re-sending its history) prefills only the rest
+(`usage.prompt_tokens_details.cached_tokens` says how many were reused). A streamed answer whose client
+disconnects is stopped at its next token and the worker moves on.
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 malformed JSON or a bad
 value (naming the field), 400 `context_length_exceeded` for a prompt that does not fit, 401 a missing or
@@ -31,6 +33,7 @@ from starlette.routing import Route
 
 from toolkit.errors import ArgumentError, QwenEdgeError
 from toolkit.model import Completion
+from toolkit.session import common_prefix
 
 MAX_BODY = 1 << 20  # bytes
 ROLES = ("system", "user", "assistant", "tool")
@@ -75,6 +78,10 @@ class Worker:
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.active = 0
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        # The last request's KV cache and the token ids it holds: a chat client re-sends its whole history
+        # each turn, so the next request usually starts with these ids and prefills only what is new.
+        self.cache = model.new_cache(1)
+        self.cached_ids: list[int] = []
         threading.Thread(target=self._loop, name="qwen-edge-worker", daemon=True).start()
 
     def submit(self, ids: list[int], options: dict) -> Job:
@@ -99,7 +106,10 @@ class Worker:
 
     def _generate(self, job: Job) -> None:
         done = [Completion("", job.ids)]
-        pieces = self.model._run([job.ids], _collect=done, **job.options)
+        common = min(common_prefix(self.cached_ids, job.ids), len(job.ids) - 1)
+        self.cache.truncate(common)
+        self.cached_ids = self.cached_ids[:common]
+        pieces = self.model._run([job.ids], _collect=done, cache=self.cache, **job.options)
         try:
             for _, piece in pieces:
                 if job.cancel.is_set():
@@ -116,6 +126,7 @@ class Worker:
             return
         finally:
             pieces.close()
+            self.cached_ids = (job.ids + done[0].token_ids)[:self.cache.length]
         self.counts["completed"] += 1
         job.emit("done", done[0])
 
@@ -327,7 +338,8 @@ class Shape:
     @staticmethod
     def usage(c: Completion) -> dict:
         return {"prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids),
-                "total_tokens": len(c.prompt_ids) + len(c.token_ids)}
+                "total_tokens": len(c.prompt_ids) + len(c.token_ids),
+                "prompt_tokens_details": {"cached_tokens": c.stats.reused_tokens}}
 
     def final(self, text: str, c: Completion) -> dict:
         if self.chat:
