@@ -49,6 +49,28 @@ def test_int4_answers_the_reversal_question_with_working_code(sample_int4, tmp_p
 
 
 @pytest.mark.sample
+def test_ctrl_c_stops_an_answer_not_the_chat(sample_int4):
+    """In a terminal, as a person would: Ctrl-C while the answer streams stops it; the chat goes on."""
+    pexpect = pytest.importorskip("pexpect")
+    exe = str(Path(sys.executable).parent / "qwen-edge")
+    child = pexpect.spawn(exe, ["chat", str(sample_int4), "--temperature", "0", "--max-new-tokens", "400"],
+                          encoding="utf-8", timeout=120)
+    child.expect(">>> ")
+    child.sendline("Write a long essay about the history of computing.")
+    child.expect("history of computing.\r\n")  # the terminal's echo of the line
+    child.expect(r"\w")  # the answer is streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect(r"turns 1, tokens generated \d+")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.sample
 def test_int4_manifest_describes_the_sample(sample_int4):
     man = toolkit.load(sample_int4).manifest
     assert man["model"]["num_hidden_layers"] == 24 and man["model"]["vocab_size"] == 151936
