@@ -6,6 +6,7 @@ block that ends at the next such line. Commands: /reset, /system TEXT, /stats, /
 an answer streams stops that answer (the partial answer stays in the history); Ctrl-C or Ctrl-D at the
 prompt leaves. After each answer a status line shows prefill and decode speed and the context used.
 """
+import signal
 import sys
 
 import click
@@ -20,6 +21,9 @@ PROMPT, MORE = ">>> ", "... "
 def run_chat(model, system=None, **options) -> None:
     """Read a message, stream the answer, repeat until /exit or end of input."""
     enable_line_editing()
+    # Ctrl-C is how a person stops an answer: raise KeyboardInterrupt even if this process was started with
+    # SIGINT ignored (as a shell does for a background job; children inherit it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     chat = model.chat_session(system=system, **options)
     totals = {"turns": 0, "generated": 0}
     click.echo(f"qwen-edge chat — {HELP}", err=True)
