@@ -36,6 +36,7 @@ VARIANTS = {  # name -> QuantSpec
     "calibrated-asym-g32-lm8g128-e64-acc0": QuantSpec.recommended(4, accuracy_level=0),
     "calibrated-asym-g32-lm8g128-e64-acc4 (default)": QuantSpec.recommended(4),
     "calibrated-asym-g32-lm4g32-e64-acc4": QuantSpec.recommended(4, lm_head_bits=4, lm_head_group_size=32),
+    "calibrated-asym-g64-lm8g128-e64-acc4": QuantSpec.recommended(4, group_size=64),
     "calibrated-asym-g128-lm8": QuantSpec(bits=4, method="calibrated", symmetric=False, group_size=128,
                                           lm_head_bits=8),
     "int8 rtn-sym-g32 (default)": QuantSpec.recommended(8),  # 8-bit matrices always run at accuracy level 4
