@@ -22,6 +22,7 @@ class KVCache:
     """Keys and values of a batch of sequences; `bind` feeds them to a call, which extends them in place."""
 
     def __init__(self, spec: dict, batch: int, limit: int, capacity: int = START):
+        self.spec = spec  # the manifest's kv_cache section
         self.layers = spec["num_layers"]
         self.names = [(spec["past_key"].format(layer=i), spec["past_value"].format(layer=i),
                        spec["present_key"].format(layer=i), spec["present_value"].format(layer=i))
@@ -93,11 +94,7 @@ class KVCache:
     def join(cls, caches: list["KVCache"], length: int) -> "KVCache":
         """One batch cache from single-row caches, each row's positions first, the rest zeros (right padding)."""
         first = caches[0]
-        spec = {"num_layers": first.layers, "num_key_value_heads": first.heads, "head_dim": first.head_dim,
-                "past_key": "{layer}", "past_value": "{layer}", "present_key": "{layer}", "present_value": "{layer}"}
-        spec["in_place"] = first.in_place
-        joined = cls(spec, len(caches), first.limit, capacity=max(length, START))
-        joined.names = first.names
+        joined = cls(first.spec, len(caches), first.limit, capacity=max(length, START))
         arrays = joined.arrays if first.in_place else [joined._zeros(length) for _ in range(2 * first.layers)]
         for i, array in enumerate(arrays):
             for r, c in enumerate(caches):
@@ -107,3 +104,34 @@ class KVCache:
             joined.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         joined.length = length
         return joined
+
+
+class PrefixCache:
+    """A one-row KV cache that remembers the token ids it holds, so that a prompt starting with them
+    prefills only the rest: a chat's next turn, or a client re-sending its history to the server."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.ids: list[int] = []  # the tokens whose keys and values the cache holds
+
+    def reuse(self, ids: list[int]) -> KVCache:
+        """The cache cut back to the longest common prefix of `ids` and what it holds (leaving at least one
+        token of `ids` to prefill), ready to be extended with the rest of `ids`."""
+        common = min(common_prefix(self.ids, ids), len(ids) - 1)
+        self.cache.truncate(common)
+        self.ids = self.ids[:common]
+        return self.cache
+
+    def record(self, ids: list[int], generated: list[int]) -> None:
+        """After a generation on `ids` that sampled `generated`: the ids the cache now holds (all it was
+        fed, which stops short of the last token sampled, or earlier if the generation was stopped)."""
+        self.ids = (ids + generated)[:self.cache.length]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from toolkit.errors import ArgumentError, QwenEdgeError
 from toolkit.model import Completion
-from toolkit.session import common_prefix
+from toolkit.kv_cache import PrefixCache
 
 MAX_BODY = 1 << 20  # bytes
 ROLES = ("system", "user", "assistant", "tool")
@@ -80,8 +80,7 @@ class Worker:
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
         # The last request's KV cache and the token ids it holds: a chat client re-sends its whole history
         # each turn, so the next request usually starts with these ids and prefills only what is new.
-        self.cache = model.new_cache(1)
-        self.cached_ids: list[int] = []
+        self.prefix = PrefixCache(model.new_cache(1))
         threading.Thread(target=self._loop, name="qwen-edge-worker", daemon=True).start()
 
     def submit(self, ids: list[int], options: dict) -> Job:
@@ -106,10 +105,7 @@ class Worker:
 
     def _generate(self, job: Job) -> None:
         done = [Completion("", job.ids)]
-        common = min(common_prefix(self.cached_ids, job.ids), len(job.ids) - 1)
-        self.cache.truncate(common)
-        self.cached_ids = self.cached_ids[:common]
-        pieces = self.model._run([job.ids], _collect=done, cache=self.cache, **job.options)
+        pieces = self.model._run([job.ids], _collect=done, cache=self.prefix.reuse(job.ids), **job.options)
         try:
             for _, piece in pieces:
                 if job.cancel.is_set():
@@ -126,7 +122,7 @@ class Worker:
             return
         finally:
             pieces.close()
-            self.cached_ids = (job.ids + done[0].token_ids)[:self.cache.length]
+            self.prefix.record(job.ids, done[0].token_ids)
         self.counts["completed"] += 1
         job.emit("done", done[0])
 

@@ -20,6 +20,7 @@ import threading
 from typing import Iterator
 
 from toolkit.errors import ArgumentError, ContextOverflowError
+from toolkit.kv_cache import PrefixCache
 from toolkit.model import Completion, Stats
 
 
@@ -36,8 +37,7 @@ class ChatSession:
         self.messages: list[dict] = []  # user and assistant turns, oldest first (the system prompt apart)
         self.dropped_turns = 0  # user/assistant pairs dropped to fit the context
         self.last: Stats | None = None  # timing of the last turn
-        self._cache = None  # KVCache of self._cached_ids
-        self._cached_ids: list[int] = []
+        self._prefix = PrefixCache(model.new_cache(1))
         self._busy = threading.Lock()
 
     @property
@@ -49,14 +49,14 @@ class ChatSession:
     @property
     def context_used(self) -> int:
         """Tokens whose keys and values the cache holds."""
-        return len(self._cached_ids)
+        return len(self._prefix.ids)
 
     def reset(self, system: str | None = None) -> None:
         """Forget the turns (and the cache); a new system prompt if given, else keep the current one."""
         if system is not None:
             self.system = system
         self.messages, self.dropped_turns, self.last = [], 0, None
-        self._cache, self._cached_ids = None, []
+        self._prefix = PrefixCache(self.model.new_cache(1))
 
     def set_system(self, system: str | None) -> None:
         """Change the system prompt; the turns stay, the next turn re-prefills from the first changed token."""
@@ -77,18 +77,14 @@ class ChatSession:
         try:
             user = {"role": "user", "content": text}
             ids = self._fit(user, options.get("max_new_tokens", 256))
-            common = min(common_prefix(self._cached_ids, ids), len(ids) - 1)
-            if self._cache is None:
-                self._cache = self.model.new_cache(1)
-            self._cache.truncate(common)
-            self._cached_ids = self._cached_ids[:common]
+            cache = self._prefix.reuse(ids)
             done, stats, answer = [Completion("", ids)], Stats(), ""
             try:
-                for _, piece in self.model._run([ids], _collect=done, cache=self._cache, stats=stats, **options):
+                for _, piece in self.model._run([ids], _collect=done, cache=cache, stats=stats, **options):
                     answer += piece
                     yield piece
             finally:  # also on Ctrl-C or a closed stream: remember what the model has seen and said
-                self._cached_ids = (ids + done[0].token_ids)[:self._cache.length]
+                self._prefix.record(ids, done[0].token_ids)
                 self.messages += [user, {"role": "assistant", "content": answer}]
                 self.last = stats
         finally:
@@ -108,11 +104,3 @@ class ChatSession:
             self.messages = self.messages[2:]  # the oldest user message and its answer
             self.dropped_turns += 1
 
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two id lists."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
