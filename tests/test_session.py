@@ -95,7 +95,7 @@ def test_threads_share_one_model(model):
 
 
 def test_prompt_lookup_gives_exactly_the_greedy_tokens(exported):
-    from toolkit.model import prompt_lookup
+    from toolkit.generation import prompt_lookup
 
     assert prompt_lookup([1, 2, 3, 4, 9, 2, 3], 3) == [4, 9, 2]  # the last 2-gram "2 3" was followed by 4 9 2
     assert prompt_lookup([5, 6, 7], 4) == [] and prompt_lookup([7, 7], 4) == [7]

@@ -1,6 +1,7 @@
 """qwen-edge runtime: load an exported Qwen2 model folder and generate text with ONNX Runtime (no torch)."""
 from toolkit.errors import ArgumentError, ContextOverflowError, ModelFolderError, QwenEdgeError
-from toolkit.model import Completion, Model, Stats, load
+from toolkit.generation import Completion, Stats
+from toolkit.model import Model, load
 from toolkit.session import ChatSession
 
 __version__ = "0.1.0"

@@ -6,14 +6,14 @@
         print(piece, end="", flush=True)
 
 Generation: one prefill call per prompt (a batch is then joined into one right-padded cache), then one call
-per new token (for the whole batch), the present
-KV OrtValues of each call bound as the next call's past through IO binding (no numpy copy). By default one
-session (prefill.onnx) serves every call, so the prepacked weights exist once in RAM; decode_graph=True
-runs the single-token steps through decode.onnx in a second session instead.
+per new token for the whole batch; the KV cache's buffers are bound through IO binding and the graphs write
+into them (toolkit/kv_cache.py). By default one session (prefill.onnx) serves every call, so the prepacked
+weights exist once in RAM; decode_graph=True runs the single-token steps through decode.onnx in a second
+session instead. The per-sequence bookkeeping (sampling, text, stop) is in toolkit/generation.py.
 """
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,43 +22,13 @@ import onnxruntime as ort
 
 from toolkit.chat_template import ChatTemplate
 from toolkit.errors import ArgumentError, ContextOverflowError, ModelFolderError
+from toolkit.generation import Completion, Row, Stats, prompt_lookup
 from toolkit.kv_cache import KVCache
 from toolkit.manifest import Manifest, read_manifest
 from toolkit.sampling import SamplingParams, make_sampler
-from toolkit.tokenizer import TextStream, Tokenizer
+from toolkit.tokenizer import Tokenizer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
-
-
-@dataclass
-class Stats:
-    """Timing of one generation call (for a batch, of the whole batch)."""
-
-    prompt_tokens: int = 0  # prompt length (the longest row of a batch)
-    reused_tokens: int = 0  # prompt tokens whose KV came from a cache (ChatSession), not prefilled
-    prefill_seconds: float = 0.0  # prefill call: the time to the first token's logits
-    generated_tokens: int = 0  # tokens sampled (per row, the longest)
-    decode_seconds: float = 0.0  # every decode call after the prefill
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return (self.prompt_tokens - self.reused_tokens) / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens per second of the decode calls (the first token comes from the prefill)."""
-        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
-
-
-@dataclass
-class Completion:
-    """One generated sequence: its text, the token ids in and out, and why it ended."""
-
-    text: str
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" (end token or stop string) or "length"
-    stats: Stats = field(default_factory=Stats)
 
 
 class Model:
@@ -226,7 +196,7 @@ class Model:
         if lookup and (batch > 1 or params.temperature != 0):
             raise ArgumentError("lookup: needs one prompt and greedy decoding (temperature 0)")
         # one generator per row (seed + row): rows of a batch draw independently and reproducibly
-        rows = [Row(self, prompts[r], stop, _collect[r] if _collect else None,
+        rows = [Row(prompts[r], self.eos_ids, self.tokenizer, stop, _collect[r] if _collect else None,
                     make_sampler(params if params.seed is None else replace(params, seed=params.seed + r)))
                 for r in range(batch)]
         t = time.perf_counter()
@@ -240,8 +210,8 @@ class Model:
         stats.prefill_seconds = time.perf_counter() - t
         t = time.perf_counter()
         if lookup:
-            yield from ((0, piece) for piece in self._lookup_loop(rows[0], logits[0], mask, cache, max_new_tokens,
-                                                                   int(lookup), stats, t))
+            yield from ((0, piece) for piece in self._lookup_loop(rows[0], logits[0], cache, max_new_tokens, lookup,
+                                                                   stats, t))
         else:
             for step in range(max_new_tokens):
                 next_ids = np.full((batch, 1), self.pad_id, dtype=np.int64)
@@ -281,36 +251,35 @@ class Model:
             mask[r, :len(p)] = 1
         return np.concatenate(logits), mask, KVCache.join(caches, longest)
 
-    def _lookup_loop(self, row: "Row", logits: np.ndarray, mask: np.ndarray, cache: KVCache, max_new_tokens: int,
-                     draft_max: int, stats: Stats, started: float) -> Iterator[str]:
+    def _lookup_loop(self, row: "Row", logits: np.ndarray, cache: KVCache, max_new_tokens: int, draft_max: int,
+                     stats: Stats, started: float) -> Iterator[str]:
         """Greedy decoding with prompt-lookup drafts: after each token, the last n-gram of the sequence is
         looked up earlier in it; the tokens that followed it there are a draft, verified in one prefill call
         that returns logits for every draft position. The longest prefix of the draft that greedy decoding
         (with the repetition penalty, if any) would have produced is accepted, plus the token greedy picks
         after it; the cache is cut back to what was accepted. The output is the same as plain greedy
-        decoding, token for token."""
+        decoding, token for token. One row, no padding: the attention mask is all ones."""
         generated = 0
-        while True:
-            token, piece = row.take(row.sample(logits))
-            generated += 1
-            if piece:
-                yield piece
-            if not row.alive or generated >= max_new_tokens:
-                break
-            budget = max_new_tokens - generated - 1  # draft tokens that could still be accepted
-            draft = prompt_lookup(row.seen, min(draft_max, budget)) if budget > 0 else []
-            fed = np.array([[token] + draft], dtype=np.int64)
-            mask = np.ones((1, mask.shape[1] + fed.shape[1]), dtype=np.int64)
-            if not draft:
-                logits = self._step("decode", fed, mask, cache)[0]
-            else:
+        try:
+            while True:
+                token, piece = row.take(row.sample(logits))
+                generated += 1
+                if piece:
+                    yield piece
+                if not row.alive or generated >= max_new_tokens:
+                    return
+                budget = max_new_tokens - generated - 1  # draft tokens that could still be accepted
+                draft = prompt_lookup(row.seen, min(draft_max, budget)) if budget > 0 else []
+                fed = np.array([[token] + draft], dtype=np.int64)
+                mask = np.ones((1, cache.length + fed.shape[1]), dtype=np.int64)
+                if not draft:
+                    logits = self._step("decode", fed, mask, cache)[0]
+                    continue
                 verified = self._step("prefill", fed, mask, cache, num_logits=fed.shape[1])[0]
                 accepted = 0  # greedy's choice at each draft position, given the draft before it
                 while accepted < len(draft) and row.sample(verified[accepted], draft[:accepted]) == draft[accepted]:
                     accepted += 1
-                keep = mask.shape[1] - len(draft) + accepted  # the rejected draft tokens leave the cache
-                cache.truncate(keep)
-                mask = mask[:, :keep]
+                cache.truncate(cache.length - len(draft) + accepted)  # the rejected draft tokens leave the cache
                 logits = verified[accepted]
                 for d in draft[:accepted]:
                     _, piece = row.take(d)
@@ -318,13 +287,10 @@ class Model:
                     if piece:
                         yield piece
                     if not row.alive:
-                        break
-                if not row.alive:
-                    break
+                        return
+        finally:
             stats.generated_tokens = generated
             stats.decode_seconds = time.perf_counter() - started
-        stats.generated_tokens = generated
-        stats.decode_seconds = time.perf_counter() - started
 
     def _step(self, graph: str, input_ids: np.ndarray, mask: np.ndarray, cache: KVCache,
               num_logits: int = 1) -> np.ndarray:
@@ -359,59 +325,6 @@ class Model:
             top_p=d.get("top_p", 1.0) if top_p is None else top_p,
             repetition_penalty=d.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
             seed=seed).check()
-
-
-class Row:
-    """One sequence of a generation: its sampler, the ids seen (for the repetition penalty and prompt
-    lookup), its text stream and stop state; `take(token)` records a chosen token."""
-
-    def __init__(self, model: Model, prompt: list[int], stop: tuple, collect: Completion | None, sampler):
-        self.eos_ids, self.collect, self.sampler = model.eos_ids, collect, sampler
-        self.stream = TextStream(model.tokenizer, stop)
-        self.seen = list(prompt)
-        self.alive = True
-
-    def sample(self, logits: np.ndarray, then: list[int] = ()) -> int:
-        """The next token given `logits`, after the tokens seen (and `then`, tokens assumed to follow)."""
-        return self.sampler(logits, np.asarray(self.seen + list(then), dtype=np.int64))
-
-    def take(self, token: int) -> tuple[int, str]:
-        """Record `token`; returns it and the text that became final. An end token or a stop string ends
-        the row (finish_reason "stop")."""
-        if self.collect is not None:
-            self.collect.token_ids.append(token)
-        if token in self.eos_ids:
-            self.alive = False
-            self._finish("stop")
-            return token, self.stream.flush()
-        self.seen.append(token)
-        piece = self.stream.push(token)
-        if self.stream.stopped:
-            self.alive = False
-            self._finish("stop")
-        return token, piece
-
-    def flush(self) -> str:
-        return self.stream.flush() if self.alive else ""
-
-    def _finish(self, reason: str) -> None:
-        if self.collect is not None:
-            self.collect.finish_reason = reason
-
-
-def prompt_lookup(tokens: list[int], max_draft: int, max_ngram: int = 3) -> list[int]:
-    """Draft tokens for the sequence `tokens`: find its last n-gram (n = max_ngram down to 1) at its most
-    recent earlier place in the sequence, and return up to `max_draft` tokens that followed it there."""
-    if max_draft <= 0:
-        return []
-    seq = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every earlier n-gram's start
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-        if hits.size:
-            start = hits[-1] + n
-            return seq[start:start + max_draft].tolist()
-    return []
 
 
 def is_batch(prompt) -> bool:

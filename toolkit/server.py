@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from toolkit.errors import ArgumentError, QwenEdgeError
-from toolkit.model import Completion
+from toolkit.generation import Completion
 from toolkit.kv_cache import PrefixCache
 
 MAX_BODY = 1 << 20  # bytes

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from toolkit.errors import ArgumentError, ContextOverflowError
 from toolkit.kv_cache import PrefixCache
-from toolkit.model import Completion, Stats
+from toolkit.generation import Completion, Stats
 
 
 class ChatSession:
