@@ -66,8 +66,9 @@ def embedding(g: Graph, name: str, qw, ids: str) -> str:
     """Rows of a quantized [V, H] table for `ids` [B, S] -> float [B, S, H]."""
     key = f"{name}.weight.rows"
     v, h = qw.shape
-    q, zero = codes(qw)
-    if key not in g.weights:
+    symmetric = qw.zero_points is None
+    if key not in g.weights:  # unpacked once, by the first graph that needs the table
+        q, zero = codes(qw)
         if qw.bits == 8:
             store(g, key, q, 8, signed=zero is None)
         else:  # the MatMulNBits bytes are already rows of packed codes, [V, H/2]
@@ -82,10 +83,10 @@ def embedding(g: Graph, name: str, qw, ids: str) -> str:
         pairs = g.op("Concat", g.op("Unsqueeze", low, g.const([-1], np.int64)),
                      g.op("Unsqueeze", high, g.const([-1], np.int64)), axis=-1)  # [B, S, H/2, 2]
         rows = g.op("Reshape", pairs, g.const([0, 0, -1], np.int64))  # [B, S, H] uint8 codes
-        if zero is None:  # symmetric: code - 8 as int8, no zero point
+        if symmetric:  # code - 8 as int8, no zero point
             rows = g.op("Sub", g.op("Cast", rows, to=INT8), g.const(8, np.int8))
     scales = g.op("Gather", g.weight(f"{key}.scales"), ids)  # [B, S, H/g]
-    zp = g.op("Gather", g.weight(f"{key}.zero_points"), ids) if zero is not None else None
+    zp = g.op("Gather", g.weight(f"{key}.zero_points"), ids) if not symmetric else None
     return g.op("DequantizeLinear", rows, scales, zp, axis=-1, block_size=qw.group_size)
 
 

@@ -137,11 +137,11 @@ def attention_lengths(g: Graph, attention_mask: str) -> tuple[str, str]:
 def rope_tables(g: Graph, cfg: Qwen2Config) -> tuple[str, str]:
     """cos and sin of position * inv_freq, [max_position_embeddings, head_dim / 2], for GroupQueryAttention's
     fused non-interleaved (rotate_half) RoPE."""
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
-    angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
-    for name, table in (("rope.cos", np.cos(angles)), ("rope.sin", np.sin(angles))):
-        if name not in g.weights:
-            g.weights.add(name, table.astype(np.float32))
+    if "rope.cos" not in g.weights:  # computed and stored once for every graph
+        inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
+        angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
+        g.weights.add("rope.cos", np.cos(angles).astype(np.float32))
+        g.weights.add("rope.sin", np.sin(angles).astype(np.float32))
     return g.weight("rope.cos"), g.weight("rope.sin")
 
 
