@@ -51,7 +51,7 @@ def run_chat(model, system=None, **options) -> None:
             click.echo(stats_text(chat, totals), err=True)
         elif command == "/help":
             click.echo(HELP, err=True)
-        elif command.startswith("/") and " " not in command and len(command) > 1:
+        elif command.startswith("/") and len(command) > 1:
             click.echo(f"unknown command {command}; {HELP}", err=True)
         else:
             answer(chat, text, totals)

@@ -285,6 +285,7 @@ def create_app(model, model_id: str, api_key: str | None = None, max_queue: int 
     async def respond(data: dict, ids: list[int], chat: bool):
         try:
             options = sampling(data, model.max_length - len(ids))
+            # checked here too (the worker checks again) so a bad value is a 400 before a stream starts
             model.sampling_params(options["temperature"], options["top_k"], options["top_p"],
                                   options["repetition_penalty"], options["seed"])
         except ArgumentError as e:
