@@ -77,7 +77,8 @@ def activation_stats(ckpt, cfg, tokens: np.ndarray, progress=None) -> dict:
         for name in names:
             stats[name] = ms
 
-    h = get("model.embed_tokens.weight", (cfg.vocab_size, H))[tokens]  # [B, S, H]
+    ids, where = np.unique(tokens, return_inverse=True)  # only the rows the text uses, not the whole table
+    h = get("model.embed_tokens.weight", (cfg.vocab_size, H), ids)[where.reshape(tokens.shape)]  # [B, S, H]
     cos, sin = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"

@@ -47,19 +47,41 @@ class SafetensorsFile:
     def keys(self):
         return self.header.keys()
 
-    def get(self, name: str) -> np.ndarray:
-        """Return tensor `name` as float32 (bf16/f16 widened)."""
-        info = self.header[name]
-        dtype = _DTYPES.get(info["dtype"])
+    def dtype(self, name: str) -> np.dtype:
+        """The numpy type tensor `name` is stored as (BF16 as uint16 bit patterns)."""
+        dtype = _DTYPES.get(self.header[name]["dtype"])
         if dtype is None:
-            raise ModelFolderError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+            raise ModelFolderError(f"{self.path}: tensor {name} has unsupported dtype {self.header[name]['dtype']}")
+        return np.dtype(dtype)
+
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor `name` as stored, a read-only view of the memory map (BF16 as uint16 bit patterns)."""
+        info = self.header[name]
+        dtype = self.dtype(name)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
-        raw = self._map[self.data_start + start:self.data_start + end].view(dtype).reshape(info["shape"])
-        if info["dtype"] == "BF16":  # bf16 is the top half of a float32
+        return self._map[self.data_start + start:self.data_start + end].view(dtype).reshape(info["shape"])
+
+    def get(self, name: str, rows=slice(None)) -> np.ndarray:
+        """Tensor `name` (or the `rows` of its first axis: a slice or ids) as float32, bf16/f16 widened."""
+        shape = self.header[name]["shape"]
+        if shape and isinstance(rows, slice) and rows.step in (None, 1):
+            # Read, not mapped: the pages go to the page cache, not into this process's resident memory
+            # (a mapped 14 GB checkpoint would count fully against the export's RSS by its end).
+            start, stop, _ = rows.indices(shape[0])
+            per_row = int(np.prod(shape[1:]))
+            dtype = self.dtype(name)
+            with open(self.path, "rb") as f:
+                raw = np.fromfile(f, dtype, count=(stop - start) * per_row,
+                                  offset=self.data_start + self.header[name]["data_offsets"][0]
+                                  + start * per_row * dtype.itemsize)
+            raw = raw.reshape(stop - start, *shape[1:])
+        else:
+            raw = self.raw(name)[rows]
+        if self.header[name]["dtype"] == "BF16":  # bf16 is the top half of a float32
             return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return raw.astype(np.float32, copy=False)
 
 
 class Checkpoint:
@@ -105,10 +127,18 @@ class Checkpoint:
         if got != tuple(shape):
             raise ModelFolderError(f"{self.folder}: tensor {name} has shape {list(got)}, expected {list(shape)}")
 
-    def tensor(self, name: str, shape: tuple) -> np.ndarray:
-        """Tensor `name` as float32, checked against the shape the config implies."""
+    def tensor(self, name: str, shape: tuple, rows=slice(None)) -> np.ndarray:
+        """Tensor `name` (or the `rows` of its first axis: a slice or ids) as float32, checked against the
+        shape the config implies."""
         self.check(name, shape)
-        return self._where[name].get(name)
+        return self._where[name].get(name, rows)
+
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor `name` as stored (int32, float16, bf16 bit patterns as uint16, …), memory-mapped: for
+        checkpoints that are already quantized (GPTQ / AWQ)."""
+        if name not in self._where:
+            raise ModelFolderError(f"{self.folder}: tensor {name} is missing")
+        return self._where[name].raw(name)
 
     def write_side_files(self, dest: Path) -> None:
         """Copy the tokenizer, chat template and generation files into the model folder `dest`."""

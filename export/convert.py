@@ -1,5 +1,11 @@
 """Checkpoint folder in, self-contained model folder out: graphs, one weights file, tokenizer, manifest.
 
+Four passes, each over the result of the one before:
+    read       the config and the tensor index (headers only); side files (tokenizer, chat template)
+    calibrate  (--method calibrated) the float model over a text, one layer at a time: input statistics
+    store      each tensor read, quantized and written to model.weights, then released (export/store.py)
+    graphs     prefill.onnx and decode.onnx over the stored tensors, by name; then the manifest
+
 The folder is assembled in a temporary sibling directory and renamed into place at the end, so an
 interrupted or failed export leaves nothing half-written.
 """
@@ -14,10 +20,10 @@ import onnx
 
 from export import qwen2
 from export.checkpoint import open_checkpoint
-from export.layers import Weights
 from export.manifest import build_manifest, write_manifest
-from export.onnx_builder import Graph, WeightFile
+from export.onnx_builder import Graph
 from export.quantize import QuantSpec, check_divides
+from export.store import Store, write_store
 from toolkit.errors import ArgumentError
 from toolkit.textfile import read_text_file
 
@@ -64,8 +70,13 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
         importance = None
         if spec.method == "calibrated":
             importance = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
-        graphs, stored = write_graphs(tmp, ckpt, cfg, spec, log, importance, ops)
-        manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, stored, time.time() - started, ops)
+        t = time.time()
+        store = write_store(tmp / WEIGHTS_FILE, ckpt, cfg, spec, ops, qwen2.matrices(cfg), qwen2.vectors(cfg),
+                            qwen2.constants(cfg, ops), importance, report=progress_line)
+        log(f"{WEIGHTS_FILE}: {sum(store.file.nbytes.values()) / 1e6:.1f} MB in {time.time() - t:.1f} s")
+        graphs = write_graphs(tmp, cfg, store, log)
+        manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, store.summary(), time.time() - started,
+                                  ops)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:
@@ -109,28 +120,23 @@ def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences
     return stats
 
 
-def write_graphs(folder: Path, ckpt, cfg, spec: QuantSpec, log, importance: dict | None = None,
-                 ops: str = "fast") -> dict:
-    """Build prefill.onnx and decode.onnx over one shared weights file.
+def progress_line(line: str, final: bool) -> None:
+    """The store pass's progress, one line on stderr updated in place."""
+    print(f"\r{line}", end="\n" if final else "", file=sys.stderr, flush=True)
 
-    Returns ({graph name: ModelProto}, {"file", "quantized", "float", "bytes"} of the weights file)."""
-    weights = WeightFile(folder / WEIGHTS_FILE)
-    w = Weights(ckpt, spec, tied=cfg.tie_word_embeddings, importance=importance, ops=ops)
+
+def write_graphs(folder: Path, cfg, store: Store, log) -> dict:
+    """Build prefill.onnx and decode.onnx over the stored weights; returns {graph name: ModelProto}."""
     graphs = {}
-    try:
-        for name, seq in GRAPHS.items():
-            t = time.time()
-            g = Graph(name, weights)
-            qwen2.build(g, cfg, w, seq)
-            model = g.to_model()
-            onnx.save(model, folder / f"{name}.onnx")
-            graphs[name] = model
-            log(f"{name}.onnx: {len(g.nodes)} nodes ({time.time() - t:.1f} s)")
-    finally:
-        weights.close()
-    stored = {"file": WEIGHTS_FILE, "quantized": w.quantized, "groups": w.groups, "float": w.float,
-              "bytes": dict(weights.nbytes)}
-    return graphs, stored
+    for name, seq in GRAPHS.items():
+        t = time.time()
+        g = Graph(name, store.file)
+        qwen2.build(g, cfg, store, seq)
+        model = g.to_model()
+        onnx.save(model, folder / f"{name}.onnx")
+        graphs[name] = model
+        log(f"{name}.onnx: {len(g.nodes)} nodes ({time.time() - t:.1f} s)")
+    return graphs
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from toolkit.errors import ModelFolderError
 
 # Qwen2's pre-tokenizer split (the same regex as the Qwen2 tokenizer.json), applied before byte-level BPE.
@@ -102,14 +104,17 @@ class GGUFCheckpoint:
         if got != tuple(shape):
             raise ModelFolderError(f"{self.path}: tensor {t.name} has shape {list(got)}, expected {list(shape)}")
 
-    def tensor(self, name: str, shape: tuple):
-        """Tensor `name` (Hugging Face naming) dequantized to float32, checked against `shape`."""
+    def tensor(self, name: str, shape: tuple, rows=slice(None)):
+        """Tensor `name` (Hugging Face naming), or the `rows` of its first axis (a slice or ids), dequantized to float32,
+        checked against `shape`. A quantized GGUF tensor's data is [rows, bytes per row], so a block of
+        rows dequantizes alone."""
         from gguf.quants import dequantize
 
         self.check(name, shape)
         t = self.tensors[gguf_name(name)]
+        shape = (len(np.arange(shape[0])[rows]), *shape[1:])
         try:
-            w = dequantize(t.data, t.tensor_type).astype("float32", copy=False)
+            w = dequantize(t.data[rows], t.tensor_type).astype("float32", copy=False)
         except NotImplementedError:
             raise ModelFolderError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
                                    "dequantized here; expected F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 or a K-quant")

@@ -46,17 +46,28 @@ class WeightFile:
             proto = self._protos[name]
             assert tuple(proto.dims) == shape, f"{name} added twice with different shapes"
             return proto
-        data = np.ascontiguousarray(array).tobytes()
-        align = _BIG_ALIGN if len(data) >= _BIG else _SMALL_ALIGN
+        return self.add_chunks(name, [array], shape, elem_type or helper.np_dtype_to_tensor_dtype(array.dtype))
+
+    def add_chunks(self, name: str, chunks, shape: tuple, elem_type: int) -> TensorProto:
+        """Write one tensor from an iterable of arrays whose bytes, in order, are the tensor's (row blocks of
+        a large matrix): only one block is ever in memory. Returns its initializer."""
+        assert name not in self._protos, f"{name} written twice"
+        nbytes = helper.tensor_dtype_to_np_dtype(elem_type).itemsize * int(np.prod(shape))
+        if elem_type in (TensorProto.INT4, TensorProto.UINT4):
+            nbytes = (int(np.prod(shape)) + 1) // 2
+        align = _BIG_ALIGN if nbytes >= _BIG else _SMALL_ALIGN
         pad = -self._offset % align
         self._f.write(b"\0" * pad)
         self._offset += pad
-        self._f.write(data)
-        proto = self._external(name, shape, elem_type or helper.np_dtype_to_tensor_dtype(array.dtype),
-                               self._offset, len(data))
-        self._offset += len(data)
+        start = self._offset
+        for chunk in chunks:
+            self._f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            self._offset = self._f.tell()
+        if self._offset - start != nbytes:
+            raise ValueError(f"{name}: wrote {self._offset - start} bytes, its shape {list(shape)} needs {nbytes}")
+        proto = self._external(name, shape, elem_type, start, nbytes)
         self._protos[name] = proto
-        self.nbytes[name] = len(data)
+        self.nbytes[name] = nbytes
         return proto
 
     def get(self, name: str) -> TensorProto:

@@ -1,7 +1,7 @@
 """`--ops portable`: the same model in standard ONNX ops only (opset 21), for runtimes without onnxruntime's
-com.microsoft contrib ops. export/layers.py and export/qwen2.py call these when `Weights.ops` is
-"portable"; the default ("fast") graphs use MatMulNBits, GatherBlockQuantized, GroupQueryAttention and
-SkipSimplifiedLayerNormalization instead.
+com.microsoft contrib ops. export/store.py stores the weights in these layouts, and export/layers.py and
+export/qwen2.py build the graphs from them when the ops are "portable"; the default ("fast") graphs use
+MatMulNBits, GatherBlockQuantized, GroupQueryAttention and SkipSimplifiedLayerNormalization instead.
 
     quantized matmul   DequantizeLinear(W [K, N] int4/uint4/int8/uint8, scales [K/g, N], zero points,
                        axis=0, block_size=g) -> MatMul    (onnxruntime fuses the pair into MatMulNBits)
@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from export.onnx_builder import BOOL, FLOAT, INT4, INT8, UINT4, UINT8, Graph
+from export.onnx_builder import BOOL, FLOAT, INT4, INT8, UINT4, UINT8, Graph, WeightFile
 from export.quantize import pack_nibbles, unpack_nibbles
 
 
@@ -34,50 +34,56 @@ def codes(qw) -> tuple[np.ndarray, np.ndarray | None]:
     return q.reshape(n, k), zero
 
 
-def store(g: Graph, name: str, values: np.ndarray, bits: int, signed: bool) -> str:
+def store_codes(file: WeightFile, name: str, values: np.ndarray, bits: int, signed: bool) -> None:
     """Store integer codes `values` as an ONNX tensor of the width and signedness asked for."""
     if bits == 8:
         data = (values ^ 0x80).view(np.int8) if signed else values
-        g.weights.add(name, data, elem_type=INT8 if signed else UINT8)
+        file.add(name, data, elem_type=INT8 if signed else UINT8)
     else:
         data = pack_nibbles(((values ^ 0x8) if signed else values).reshape(-1))
-        g.weights.add(name, data, shape=values.shape, elem_type=INT4 if signed else UINT4)
-    return g.weight(name)
+        file.add(name, data, shape=values.shape, elem_type=INT4 if signed else UINT4)
 
 
-def dequantized_matrix(g: Graph, name: str, qws: list, bits: int, group: int) -> str:
-    """DequantizeLinear of the stacked matrices `qws`, transposed to [K, N] for MatMul."""
+def store_dequantized_matrix(file: WeightFile, name: str, qws: list) -> None:
+    """The stacked matrices `qws` as DequantizeLinear's input, transposed to [K, N] for MatMul."""
     key = f"{name}.weight.dq"
-    if key not in g.weights:
-        parts = [codes(q) for q in qws]
-        q = np.concatenate([p[0] for p in parts]).T.copy()  # [K, N]
-        scales = np.concatenate([q_.scales for q_ in qws]).T.copy()  # [K/g, N]
-        zero = None if parts[0][1] is None else np.concatenate([p[1] for p in parts]).T.copy()
-        store(g, key, q, bits, signed=zero is None)
-        g.weights.add(f"{key}.scales", scales)
-        if zero is not None:
-            store(g, f"{key}.zero_points", zero, bits, signed=False)
+    parts = [codes(q) for q in qws]
+    q = np.concatenate([p[0] for p in parts]).T.copy()  # [K, N]
+    scales = np.concatenate([q_.scales for q_ in qws]).T.copy()  # [K/g, N]
+    zero = None if parts[0][1] is None else np.concatenate([p[1] for p in parts]).T.copy()
+    store_codes(file, key, q, qws[0].bits, signed=zero is None)
+    file.add(f"{key}.scales", scales)
+    if zero is not None:
+        store_codes(file, f"{key}.zero_points", zero, qws[0].bits, signed=False)
+
+
+def dequantized_matrix(g: Graph, name: str, group: int) -> str:
+    """DequantizeLinear of the stored matrix `name` (see store_dequantized_matrix): float [K, N]."""
+    key = f"{name}.weight.dq"
     zp = f"{key}.zero_points"
     return g.op("DequantizeLinear", g.weight(key), g.weight(f"{key}.scales"), g.weight(zp) if zp in g.weights else None,
                 axis=0, block_size=group)
 
 
-def embedding(g: Graph, name: str, qw, ids: str) -> str:
-    """Rows of a quantized [V, H] table for `ids` [B, S] -> float [B, S, H]."""
+def store_embedding(file: WeightFile, name: str, qw) -> None:
+    """A quantized [V, H] table as rows to gather: 8-bit codes, or 4-bit rows of packed codes."""
     key = f"{name}.weight.rows"
     v, h = qw.shape
-    symmetric = qw.zero_points is None
-    if key not in g.weights:  # unpacked once, by the first graph that needs the table
-        q, zero = codes(qw)
-        if qw.bits == 8:
-            store(g, key, q, 8, signed=zero is None)
-        else:  # the MatMulNBits bytes are already rows of packed codes, [V, H/2]
-            g.weights.add(key, qw.packed.reshape(v, h // 2))
-        g.weights.add(f"{key}.scales", qw.scales)
-        if zero is not None:
-            g.weights.add(f"{key}.zero_points", zero)
+    q, zero = codes(qw)
+    if qw.bits == 8:
+        store_codes(file, key, q, 8, signed=zero is None)
+    else:  # the MatMulNBits bytes are already rows of packed codes, [V, H/2]
+        file.add(key, qw.packed.reshape(v, h // 2))
+    file.add(f"{key}.scales", qw.scales)
+    if zero is not None:
+        file.add(f"{key}.zero_points", zero)
+
+
+def embedding(g: Graph, name: str, bits: int, group: int, symmetric: bool, ids: str) -> str:
+    """Rows of the stored quantized table `name` (see store_embedding) for `ids` [B, S] -> float [B, S, H]."""
+    key = f"{name}.weight.rows"
     rows = g.op("Gather", g.weight(key), ids)  # [B, S, H] or [B, S, H/2] packed
-    if qw.bits == 4:
+    if bits == 4:
         low = g.op("BitwiseAnd", rows, g.const(0x0F, np.uint8))
         high = g.op("BitShift", rows, g.const(4, np.uint8), direction="RIGHT")
         pairs = g.op("Concat", g.op("Unsqueeze", low, g.const([-1], np.int64)),
@@ -87,7 +93,7 @@ def embedding(g: Graph, name: str, qw, ids: str) -> str:
             rows = g.op("Sub", g.op("Cast", rows, to=INT8), g.const(8, np.int8))
     scales = g.op("Gather", g.weight(f"{key}.scales"), ids)  # [B, S, H/g]
     zp = g.op("Gather", g.weight(f"{key}.zero_points"), ids) if not symmetric else None
-    return g.op("DequantizeLinear", rows, scales, zp, axis=-1, block_size=qw.group_size)
+    return g.op("DequantizeLinear", rows, scales, zp, axis=-1, block_size=group)
 
 
 def rms_norm(g: Graph, weight: str, eps: float, x: str) -> str:

@@ -35,6 +35,14 @@ class QuantizedWeight:
     group_size: int
     shape: tuple[int, int]  # (N, K)
 
+    @classmethod
+    def concatenate(cls, parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """Row blocks of one matrix (or matrices stacked along rows) as one QuantizedWeight."""
+        first = parts[0]
+        zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
+        return cls(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), zp,
+                   first.bits, first.group_size, (sum(p.shape[0] for p in parts), first.shape[1]))
+
     @property
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes

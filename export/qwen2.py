@@ -18,8 +18,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from export import portable
-from export.layers import MS, Weights, add_rms_norm, embedding, linear, lm_head, rms_norm, stacked_linear
+from export.layers import MS, add_rms_norm, embedding, linear, lm_head, rms_norm
 from export.onnx_builder import FLOAT, INT32, INT64, Graph
+from export.store import Matrix, Store
 from toolkit.errors import ModelFolderError
 
 
@@ -84,13 +85,47 @@ def expected_tensors(cfg: Qwen2Config) -> dict[str, tuple]:
     return out
 
 
+def matrices(cfg: Qwen2Config) -> list[Matrix]:
+    """Every matrix the graphs read, in the order the store pass writes them: q/k/v and gate/up stacked
+    (one MatMulNBits computes each stack), the embedding, and the lm_head (the embedding's when tied)."""
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    out = [Matrix("model.embed_tokens", (("model.embed_tokens", cfg.vocab_size),), H, use="embedding")]
+    for i in range(cfg.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        out += [Matrix(f"{a}.qkv_proj", ((f"{a}.q_proj", nh * D), (f"{a}.k_proj", kvh * D), (f"{a}.v_proj", kvh * D)),
+                       H, bias=True),
+                Matrix(f"{a}.o_proj", ((f"{a}.o_proj", H),), nh * D),
+                Matrix(f"{m}.gate_up_proj", ((f"{m}.gate_proj", I), (f"{m}.up_proj", I)), H),
+                Matrix(f"{m}.down_proj", ((f"{m}.down_proj", H),), I)]
+    head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+    return out + [Matrix(head, ((head, cfg.vocab_size),), H, use="lm_head")]
+
+
+def vectors(cfg: Qwen2Config) -> dict[str, tuple]:
+    """The norms' weights (stored as float32 under their checkpoint names)."""
+    names = ["model.norm.weight"]
+    for i in range(cfg.num_hidden_layers):
+        names += [f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"]
+    return {name: (cfg.hidden_size,) for name in names}
+
+
+def constants(cfg: Qwen2Config, ops: str) -> dict[str, np.ndarray]:
+    """Tables computed from the config rather than read: the RoPE cos/sin caches of GroupQueryAttention
+    (the portable graphs compute theirs from the positions)."""
+    if ops == "portable":
+        return {}
+    cos, sin = rope_tables(cfg)
+    return {"rope.cos": cos, "rope.sin": sin}
+
+
 def kv_names(layer: int) -> tuple[str, str, str, str]:
     """(past key, past value, present key, present value) graph names of one layer's cache."""
     return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
             f"present.{layer}.key", f"present.{layer}.value")
 
 
-def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
+def build(g: Graph, cfg: Qwen2Config, w: Store, seq: int | str) -> None:
     """Fill `g` with the whole model; `seq` is 1 for decode or a symbolic name for prefill.
 
     Decode returns logits [B, V] for its one position. Prefill takes `num_logits` (int64 [1], N) and returns
@@ -106,7 +141,7 @@ def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
     if w.ops == "portable":  # RoPE tables and the attention mask, once per graph
         context = portable.attention_inputs(g, cfg, input_ids, attention_mask)
     else:  # each row's length for GroupQueryAttention, and its RoPE tables
-        context = (*attention_lengths(g, attention_mask), *rope_tables(g, cfg))
+        context = (*attention_lengths(g, attention_mask), g.weight("rope.cos"), g.weight("rope.sin"))
     h = embedding(g, w, "model.embed_tokens", cfg.vocab_size, cfg.hidden_size, input_ids)
     delta = None  # the last block's output, added to the residual stream by the next norm
     for i in range(cfg.num_hidden_layers):
@@ -119,7 +154,7 @@ def build(g: Graph, cfg: Qwen2Config, w: Weights, seq: int | str) -> None:
         else:  # the last N positions: [B, S, H] -> [B, N, H]
             x = g.op("Slice", x, g.op("Neg", num_logits), g.const([np.iinfo(np.int64).max], np.int64),
                      g.const([1], np.int64))
-        lm_head(g, w, cfg, x, out="logits")
+        lm_head(g, w, "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head", cfg, x, out="logits")
     g.output("logits", FLOAT, ["batch", cfg.vocab_size] if num_logits is None
              else ["batch", "num_logits", cfg.vocab_size])
 
@@ -134,18 +169,15 @@ def attention_lengths(g: Graph, attention_mask: str) -> tuple[str, str]:
     return seqlens, total
 
 
-def rope_tables(g: Graph, cfg: Qwen2Config) -> tuple[str, str]:
+def rope_tables(cfg: Qwen2Config) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of position * inv_freq, [max_position_embeddings, head_dim / 2], for GroupQueryAttention's
     fused non-interleaved (rotate_half) RoPE."""
-    if "rope.cos" not in g.weights:  # computed and stored once for every graph
-        inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
-        angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
-        g.weights.add("rope.cos", np.cos(angles).astype(np.float32))
-        g.weights.add("rope.sin", np.sin(angles).astype(np.float32))
-    return g.weight("rope.cos"), g.weight("rope.sin")
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
+    angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def decoder_layer(g: Graph, cfg: Qwen2Config, w: Weights, i: int, h: str, delta: str | None,
+def decoder_layer(g: Graph, cfg: Qwen2Config, w: Store, i: int, h: str, delta: str | None,
                   context: tuple) -> tuple[str, str]:
     """Pre-norm residual block. The residual adds are folded into the norms: (h, delta) in, where the
     stream is h + delta (delta None for the first layer), (h', delta') out."""
@@ -161,20 +193,20 @@ def decoder_layer(g: Graph, cfg: Qwen2Config, w: Weights, i: int, h: str, delta:
         return h, mlp(g, cfg, w, f"{p}.mlp", x)
 
 
-def mlp(g: Graph, cfg: Qwen2Config, w: Weights, p: str, x: str) -> str:
+def mlp(g: Graph, cfg: Qwen2Config, w: Store, p: str, x: str) -> str:
     """down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up as one stacked matmul.
 
         x ──[gate; up]──► Split ─ gate ─► Sigmoid·Mul (SiLU) ──┐
                                 └ up ───────────────────────► Mul ──down_proj──►
     """
     H, I = cfg.hidden_size, cfg.intermediate_size
-    gate_up = stacked_linear(g, w, f"{p}.gate_up_proj", [(f"{p}.gate_proj", I), (f"{p}.up_proj", I)], x, H)
+    gate_up = linear(g, w, f"{p}.gate_up_proj", x, 2 * I, H)
     gate, up = g.op_multi("Split", gate_up, n_out=2, axis=-1, num_outputs=2)
     silu = g.op("Mul", gate, g.op("Sigmoid", gate))
     return linear(g, w, f"{p}.down_proj", g.op("Mul", silu, up), H, I)
 
 
-def attention(g: Graph, cfg: Qwen2Config, w: Weights, i: int, x: str, context: tuple) -> str:
+def attention(g: Graph, cfg: Qwen2Config, w: Store, i: int, x: str, context: tuple) -> str:
     """Grouped-query self-attention with RoPE and the KV cache, in com.microsoft GroupQueryAttention.
 
         x ──[q; k; v] (+ bias)──► GroupQueryAttention ──► o_proj
@@ -187,8 +219,7 @@ def attention(g: Graph, cfg: Qwen2Config, w: Weights, i: int, x: str, context: t
     p = f"model.layers.{i}.self_attn"
     nh, kvh, D, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     past_k, past_v, present_k, present_v = kv_names(i)
-    qkv = stacked_linear(g, w, f"{p}.qkv_proj", [(f"{p}.q_proj", nh * D), (f"{p}.k_proj", kvh * D),
-                                                 (f"{p}.v_proj", kvh * D)], x, H, bias=True)
+    qkv = linear(g, w, f"{p}.qkv_proj", x, (nh + 2 * kvh) * D, H, bias=True)
     for name in (past_k, past_v):
         g.input(name, FLOAT, ["batch", kvh, "past_sequence", D])
     if w.ops == "portable":

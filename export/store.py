@@ -1,0 +1,227 @@
+"""The store pass: every tensor the graphs read is read from the checkpoint, quantized and written to the
+one weights file, then released, before any graph is built. Graphs refer to the stored tensors by name
+(export/layers.py); nothing is quantized while a graph is built.
+
+    for each matrix of the plan (qwen2.matrices):        in file order, one at a time
+        for each checkpoint part, in blocks of rows:     ≤ BLOCK_ELEMENTS floats in memory at once
+            read (bf16/f16 widened) → quantize → append the codes to the file
+        append the scales (and zero points): small, kept until the codes are written
+    then the norms, biases and RoPE tables
+
+Peak memory is one row block in float32 plus the quantizer's temporaries, and the scales of one matrix —
+not the model, and not its largest matrix (a 7B's lm_head is 2.2 GB in float32). Rows are quantized
+independently, so a block boundary changes nothing numerically.
+
+How a matrix is laid out depends on its precision, the ops and its use:
+    layout   when                                   tensors (M = the matrix's graph name)
+    nbits    bits 4/8, ops fast (any use)           M.weight.qdata [N, K/g, g·bits/8], .scales, .zero_points
+    dq       bits 4/8, ops portable, matmul         M.weight.dq [K, N] int4/int8 (+ .scales, .zero_points)
+    rows     bits 4/8, ops portable, embedding      M.weight.rows [V, H(/2)] (+ .scales, .zero_points)
+    T        float32, matmul                        M.weight.T [K, N] (MatMul reads it without a Transpose)
+    table    float32, embedding or lm_head          M.weight [N, K] (Gather; Gemm with transB)
+A tied embedding and lm_head share one blob when their layouts agree (nbits, table).
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export import portable
+from export.onnx_builder import FLOAT, UINT8, WeightFile
+from export.quantize import QuantizedWeight, QuantSpec, quantize_weight
+
+BLOCK_ELEMENTS = 1 << 24  # floats read and quantized at once (64 MiB in float32)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A matrix the graphs multiply by (or gather from): checkpoint tensors `parts` stacked along rows."""
+
+    name: str  # graph name: a checkpoint Linear ("…o_proj") or a stacked one ("…qkv_proj")
+    parts: tuple  # ((checkpoint name without .weight, rows), …), stacked in this order
+    k: int  # input features (columns)
+    use: str = "matmul"  # "matmul", "lm_head" or "embedding": decides the float / portable layout
+    bias: bool = False  # the parts have biases, stored stacked as `name`.bias
+
+    @property
+    def n(self) -> int:
+        return sum(rows for _, rows in self.parts)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """How a matrix was stored: its layout (see the module docstring) and quantization."""
+
+    layout: str
+    bits: int = 32
+    group_size: int | None = None
+    symmetric: bool = True
+
+
+@dataclass
+class Store:
+    """The weights file once written, and what the graphs and the manifest need to know about it."""
+
+    file: WeightFile
+    spec: QuantSpec
+    ops: str
+    matrices: dict = field(default_factory=dict)  # (graph name, use) -> Stored
+    quantized: dict = field(default_factory=dict)  # checkpoint tensor -> bits (manifest)
+    groups: dict = field(default_factory=dict)  # checkpoint tensor -> group size (manifest)
+    float: list = field(default_factory=list)  # checkpoint tensors stored as float32 (manifest)
+
+    def stored(self, name: str, use: str) -> Stored:
+        return self.matrices[(name, use)]
+
+    def summary(self) -> dict:
+        return {"file": self.file.path.name, "quantized": self.quantized, "groups": self.groups,
+                "float": self.float, "bytes": dict(self.file.nbytes)}
+
+
+def layout(spec: QuantSpec, ops: str, use: str) -> str:
+    if spec.quantized:
+        return "nbits" if ops == "fast" else "rows" if use == "embedding" else "dq"
+    return "T" if use == "matmul" else "table"
+
+
+class Progress:
+    """Matrices done and time left, on one updating stderr line (at most twice a second)."""
+
+    def __init__(self, total_elements: int, total_matrices: int, report):
+        self.total, self.count = total_elements, total_matrices
+        self.done = self.matrices = 0
+        self.report = report  # callable(line: str, final: bool)
+        self.start = self.last = time.time()
+
+    def advance(self, elements: int = 0, matrices: int = 0) -> None:
+        self.done += elements
+        self.matrices += matrices
+        now = time.time()
+        if now - self.last >= 0.5 or self.matrices == self.count:
+            self.last = now
+            elapsed = now - self.start
+            left = elapsed * (self.total - self.done) / self.done if self.done else 0.0
+            self.report(f"quantizing: {self.matrices}/{self.count} matrices, {elapsed:.0f} s, "
+                        f"~{left:.0f} s left", self.matrices == self.count)
+
+
+def write_store(path: Path, ckpt, cfg, spec: QuantSpec, ops: str, plan: list[Matrix], vectors: dict,
+                extra: dict, importance: dict | None = None, prequantized=None, report=None) -> Store:
+    """Write every tensor of `plan` (matrices), `vectors` ({checkpoint name: shape}, float32) and `extra`
+    ({name: array}, e.g. RoPE tables) to the weights file at `path`; returns the closed Store.
+
+    `prequantized` (export/prequantized.py), when the checkpoint is already quantized, supplies the codes
+    and scales of its quantized Linears as they are; the rest follows the spec."""
+    store = Store(WeightFile(path), spec, ops)
+    todo = {(m.name, layout(spec, ops, m.use)): m for m in reversed(plan)}.values()  # each blob once
+    progress = Progress(sum(m.n * m.k for m in todo), sum(len(m.parts) for m in todo),
+                        report or (lambda line, final: None))
+    written: dict[tuple, Stored] = {}
+    try:
+        for m in plan:
+            key = (m.name, layout(spec, ops, m.use))
+            if key not in written:
+                written[key] = _write_matrix(store, ckpt, cfg, m, key[1], importance or {}, prequantized, progress)
+            store.matrices[(m.name, m.use)] = written[key]
+            if m.bias and f"{m.name}.bias" not in store.file:
+                store.file.add(f"{m.name}.bias", np.concatenate(
+                    [_float(store, ckpt, f"{part}.bias", (rows,)) for part, rows in m.parts]))
+        for name, shape in vectors.items():
+            store.file.add(name, _float(store, ckpt, name, shape))
+        for name, array in extra.items():
+            store.file.add(name, array)
+    finally:
+        store.file.close()
+    return store
+
+
+def _float(store: Store, ckpt, name: str, shape: tuple, rows: slice = slice(None)) -> np.ndarray:
+    if name not in store.float:
+        store.float.append(name)
+    return ckpt.tensor(name, shape, rows)
+
+
+def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dict, prequantized,
+                  progress: Progress) -> Stored:
+    if kind in ("T", "table"):
+        return _write_float(store, ckpt, m, kind, progress)
+    tied = cfg.tie_word_embeddings
+    spec = store.spec
+    first = m.parts[0][0]
+    bits, group = spec.bits_for(first, tied), spec.group_for(first, tied)
+    if prequantized is not None and prequantized.covers(first):
+        bits, group, symmetric = prequantized.bits, prequantized.group_size, prequantized.symmetric
+    else:
+        symmetric = spec.symmetric
+
+    def blocks(part: str, rows: int):
+        """QuantizedWeights of row blocks of checkpoint matrix `part` [rows, k]."""
+        if prequantized is not None and prequantized.covers(part):
+            qw = prequantized.weight(ckpt, part, rows, m.k)
+            progress.advance(rows * m.k)
+            yield qw
+            return
+        method = spec.method
+        if method == "calibrated" and part not in importance:  # an untied embedding: no matmul input
+            method = "search"
+        step = max(1, BLOCK_ELEMENTS // m.k)
+        for r in range(0, rows, step):
+            w = ckpt.tensor(f"{part}.weight", (rows, m.k), slice(r, min(rows, r + step)))
+            yield quantize_weight(w, bits, group, symmetric, method, importance.get(part))
+            progress.advance(w.size)
+
+    for part, _ in m.parts:
+        store.quantized[f"{part}.weight"] = bits
+        store.groups[f"{part}.weight"] = group
+    stored = Stored(kind, bits, group, symmetric)
+    if kind == "nbits":
+        _write_nbits(store.file, m, bits, group, symmetric, blocks, progress)
+    else:  # portable: the whole matrix's codes are rearranged (transposed, or unpacked), so kept at once
+        qws = [QuantizedWeight.concatenate(list(blocks(part, rows))) for part, rows in m.parts]
+        progress.advance(matrices=len(m.parts))
+        if kind == "dq":
+            portable.store_dequantized_matrix(store.file, m.name, qws)
+        else:
+            portable.store_embedding(store.file, m.name, qws[0])
+    return stored
+
+
+def _write_nbits(file: WeightFile, m: Matrix, bits: int, group: int, symmetric: bool, blocks, progress) -> None:
+    """MatMulNBits' blob: the codes of every part's row blocks streamed in order, then scales and zeros."""
+    scales, zeros = [], []
+
+    def codes():
+        for part, rows in m.parts:
+            for qw in blocks(part, rows):
+                if (qw.bits, qw.group_size, qw.zero_points is None) != (bits, group, symmetric):
+                    raise ValueError(f"{m.name}: {part} is stored with other bits, group size or symmetry")
+                scales.append(qw.scales)
+                zeros.append(qw.zero_points)
+                yield qw.packed
+            progress.advance(matrices=1)
+
+    file.add_chunks(f"{m.name}.weight.qdata", codes(), (m.n, m.k // group, group * bits // 8), UINT8)
+    file.add(f"{m.name}.weight.scales", np.concatenate(scales))
+    if not symmetric:
+        file.add(f"{m.name}.weight.zero_points", np.concatenate(zeros))
+
+
+def _write_float(store: Store, ckpt, m: Matrix, kind: str, progress: Progress) -> Stored:
+    if kind == "table":  # [N, K] as stored: streamed in row blocks
+        (part, rows), = m.parts
+        step = max(1, BLOCK_ELEMENTS // m.k)
+
+        def blocks():
+            for r in range(0, rows, step):
+                block = _float(store, ckpt, f"{part}.weight", (rows, m.k), slice(r, min(rows, r + step)))
+                progress.advance(block.size)
+                yield block
+            progress.advance(matrices=1)
+
+        store.file.add_chunks(f"{m.name}.weight", blocks(), (rows, m.k), FLOAT)
+    else:  # [K, N]: the transpose needs the whole (stacked) matrix
+        w = np.concatenate([_float(store, ckpt, f"{part}.weight", (rows, m.k)) for part, rows in m.parts])
+        store.file.add(f"{m.name}.weight.T", w.T)
+        progress.advance(w.size, len(m.parts))
+    return Stored(kind)
