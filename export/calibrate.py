@@ -9,6 +9,7 @@ from importlib import resources
 
 import numpy as np
 
+from export import rope as rope_module
 from toolkit.errors import ArgumentError
 
 DEFAULT_TEXT = "calibration.txt"  # ships with the package: see export/data/README.md
@@ -33,11 +34,10 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps) * weight
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float):
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64) / head_dim)
-    freqs = np.arange(seq_len, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)  # [S, D]; float64 would halve speed
+def rope_tables(seq_len: int, cfg):
+    """Full-width cos and sin [S, D] (each half repeated) for `rope`, YaRN-scaled if the config says so."""
+    cos, sin = rope_module.tables(cfg.head_dim, cfg.rope_theta, seq_len, cfg.rope_scaling)
+    return np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)  # float32: float64 halves speed
 
 
 def rope(x, cos, sin):  # x [B, n, S, D]
@@ -79,7 +79,7 @@ def activation_stats(ckpt, cfg, tokens: np.ndarray, progress=None) -> dict:
 
     ids, where = np.unique(tokens, return_inverse=True)  # only the rows the text uses, not the whole table
     h = get("model.embed_tokens.weight", (cfg.vocab_size, H), ids)[where.reshape(tokens.shape)]  # [B, S, H]
-    cos, sin = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_tables(tokens.shape[1], cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         x = rms_norm(h, get(f"{p}.input_layernorm.weight", (H,)), cfg.rms_norm_eps)

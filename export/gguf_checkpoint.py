@@ -84,7 +84,9 @@ class GGUFCheckpoint:
             "num_key_value_heads": a("attention.head_count_kv", a("attention.head_count")),
             "rms_norm_eps": a("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": a("rope.freq_base", 10000.0),
             "max_position_embeddings": a("context_length", 32768),
-            "rope_scaling": None if scaling in (None, "none") else {"rope_type": scaling},
+            "rope_scaling": None if scaling in (None, "none") else {
+                "rope_type": scaling, "factor": a("rope.scaling.factor"),
+                "original_max_position_embeddings": a("rope.scaling.original_context_length")},
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),

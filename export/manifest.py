@@ -67,7 +67,7 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
         "pad_token_id": pad_id(config, gen_cfg, specials, vocab),
         "generation": {k: gen_cfg[k] for k in SAMPLING_KEYS if gen_cfg.get(k) is not None}
         | {"do_sample": bool(gen_cfg.get("do_sample", False))},
-        "context_length": cfg.max_position_embeddings,
+        "context_length": cfg.context_length,
         "export": {"source": str(source), "seconds": round(export_seconds, 1)},
         "files": file_hashes(folder),
     }

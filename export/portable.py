@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from export import rope
 from export.onnx_builder import BOOL, FLOAT, INT4, INT8, UINT4, UINT8, Graph, WeightFile
 from export.quantize import pack_nibbles, unpack_nibbles
 
@@ -113,11 +114,14 @@ def attention_inputs(g: Graph, cfg, input_ids: str, attention_mask: str) -> tupl
         past = g.op("Sub", total, seq)
         pos = g.op("Sub", g.op("CumSum", attention_mask, g.const(1, np.int64)), g.const(1, np.int64))
         pos = g.op("Slice", pos, past, total, g.const([1], np.int64))  # [B, S]
-        inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
+        inv_freq = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=FLOAT), g.const([-1], np.int64)),
                      g.const(inv_freq.astype(np.float32)))  # [B, S, D/2]
         emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], np.int64))
         cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+        factor = rope.attention_factor(cfg.rope_scaling)  # YaRN scales q and k, so the logits by factor²
+        if factor != 1.0:
+            cos, sin = (g.op("Mul", t, g.const(factor, np.float32)) for t in (cos, sin))
     with g.scope("mask"):
         key_pos = g.op("Range", g.const(0, np.int64), g.op("Squeeze", total), g.const(1, np.int64))  # [T]
         query_pos = g.op("Range", g.op("Squeeze", past), g.op("Squeeze", total), g.const(1, np.int64))  # [S]

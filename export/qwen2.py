@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from export import portable
+from export import portable, rope
 from export.layers import MS, add_rms_norm, embedding, linear, lm_head, rms_norm
 from export.onnx_builder import FLOAT, INT32, INT64, Graph
 from export.store import Matrix, Store
@@ -40,14 +40,12 @@ class Qwen2Config:
     tie_word_embeddings: bool = False
     head_dim: int = 0  # 0: hidden_size // num_attention_heads, as transformers derives it
     model_type: str = "qwen2"
+    rope_scaling: rope.RopeScaling | None = None  # YaRN (Qwen2.5's long context), or None: plain RoPE
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2Config":
         if d.get("model_type") != "qwen2":
             raise ModelFolderError(f"{source}: model_type {d.get('model_type')!r} is not supported; expected 'qwen2'")
-        scaling = d.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise ModelFolderError(f"{source}: rope_scaling {scaling} is not supported yet; expected null")
         if d.get("use_sliding_window"):
             raise ModelFolderError(f"{source}: use_sliding_window=true is not supported yet; expected false")
         names = {f.name for f in fields(cls)}
@@ -56,6 +54,7 @@ class Qwen2Config:
             if not isinstance(d.get(name), (int, float)):
                 raise ModelFolderError(f"{source}: expected a number for {name!r}")
         kw = {k: v for k, v in d.items() if k in names and v is not None}
+        kw["rope_scaling"] = rope.RopeScaling.from_config(d, source)
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
         if not kw.get("head_dim"):
             kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
@@ -64,6 +63,11 @@ class Qwen2Config:
             raise ModelFolderError(f"{source}: num_attention_heads {cfg.num_attention_heads} is not a multiple "
                                    f"of num_key_value_heads {cfg.num_key_value_heads}")
         return cfg
+
+    @property
+    def context_length(self) -> int:
+        """Positions the graphs serve: max_position_embeddings, or YaRN's original × factor if larger."""
+        return rope.context_length(self.max_position_embeddings, self.rope_scaling)
 
 
 def expected_tensors(cfg: Qwen2Config) -> dict[str, tuple]:
@@ -170,11 +174,9 @@ def attention_lengths(g: Graph, attention_mask: str) -> tuple[str, str]:
 
 
 def rope_tables(cfg: Qwen2Config) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of position * inv_freq, [max_position_embeddings, head_dim / 2], for GroupQueryAttention's
-    fused non-interleaved (rotate_half) RoPE."""
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.int64) / cfg.head_dim)
-    angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    """cos and sin of position * inv_freq, [context_length, head_dim / 2] (YaRN-scaled when the config says
+    so, export/rope.py), for GroupQueryAttention's fused non-interleaved (rotate_half) RoPE."""
+    return rope.tables(cfg.head_dim, cfg.rope_theta, cfg.context_length, cfg.rope_scaling)
 
 
 def decoder_layer(g: Graph, cfg: Qwen2Config, w: Store, i: int, h: str, delta: str | None,
