@@ -1,5 +1,5 @@
 """export/rope.py: RoPE and YaRN tables against transformers' Qwen2RotaryEmbedding, the rope_scaling
-refusals, and (once the converter reads rope_scaling) a YaRN checkpoint exported and run end to end."""
+refusals, a YaRN checkpoint exported and run end to end, and the calibration forward on it."""
 import json
 
 import numpy as np
