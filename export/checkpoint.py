@@ -150,7 +150,8 @@ class Checkpoint:
 
 
 def open_checkpoint(src: Path):
-    """A Hugging Face folder, or a .gguf file (read with the gguf package)."""
+    """A Hugging Face folder (GPTQ / AWQ ones wrapped, export/prequantized.py), or a .gguf file (read with
+    the gguf package)."""
     from export.gguf_checkpoint import GGUFCheckpoint, is_gguf
 
     src = Path(src)
@@ -160,4 +161,8 @@ def open_checkpoint(src: Path):
         raise ModelFolderError(f"{src}: expected a Hugging Face model folder or a GGUF file")
     if not src.exists():
         raise ModelFolderError(f"{src}: not found; expected a Hugging Face model folder or a GGUF file")
-    return Checkpoint(src)
+    from export.prequantized import PrequantizedCheckpoint, PrequantizedFormat
+
+    ckpt = Checkpoint(src)
+    fmt = PrequantizedFormat.from_folder(src, ckpt.config)  # GPTQ / AWQ: their codes are imported as they are
+    return ckpt if fmt is None else PrequantizedCheckpoint(ckpt, fmt)

@@ -34,6 +34,7 @@ GRAPHS = {"prefill": "sequence", "decode": 1}
 
 
 OPS = ("fast", "portable")
+PREQUANTIZED_SUPPORTED = True  # GPTQ / AWQ checkpoints are imported as they are (export/prequantized.py)
 
 
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
@@ -59,6 +60,10 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
         check_group_sizes(cfg, spec)
     for name, shape in qwen2.expected_tensors(cfg).items():  # every missing or mis-shaped tensor, up front
         ckpt.check(name, shape)
+    imported = ckpt.describe() if hasattr(ckpt, "describe") else None
+    if imported and spec.quantized:
+        log(f"{src}: {imported['method'].upper()} {imported['bits']}-bit checkpoint: its quantized matrices are "
+            "imported as they are; the quantization options apply to the others (embedding, lm_head)")
 
     started = time.time()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
@@ -75,8 +80,8 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
                             qwen2.constants(cfg, ops), importance, report=progress_line)
         log(f"{WEIGHTS_FILE}: {sum(store.file.nbytes.values()) / 1e6:.1f} MB in {time.time() - t:.1f} s")
         graphs = write_graphs(tmp, cfg, store, log)
-        manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, store.summary(), time.time() - started,
-                                  ops)
+        manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, store.summary() | {"imported": imported},
+                                  time.time() - started, ops)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:

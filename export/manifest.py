@@ -44,6 +44,8 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "embedding": "GatherBlockQuantized" if spec.quantized else "Gather",
             "tied_embeddings": cfg.tie_word_embeddings,
             "weights_bytes": sum(stored["bytes"].values()),
+            # a GPTQ / AWQ checkpoint's quantization, whose codes and scales were imported unchanged; else None
+            "imported": stored.get("imported"),
         },
         "ops": ops,  # "fast": onnxruntime contrib ops; "portable": standard ONNX only
         "weights_file": stored["file"],

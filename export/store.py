@@ -29,7 +29,9 @@ import numpy as np
 
 from export import portable
 from export.onnx_builder import FLOAT, UINT8, WeightFile
+from export.prequantized import with_zero_points
 from export.quantize import QuantizedWeight, QuantSpec, quantize_weight
+from toolkit.errors import ModelFolderError
 
 BLOCK_ELEMENTS = 1 << 24  # floats read and quantized at once (64 MiB in float32)
 
@@ -107,12 +109,12 @@ class Progress:
 
 
 def write_store(path: Path, ckpt, cfg, spec: QuantSpec, ops: str, plan: list[Matrix], vectors: dict,
-                extra: dict, importance: dict | None = None, prequantized=None, report=None) -> Store:
+                extra: dict, importance: dict | None = None, report=None) -> Store:
     """Write every tensor of `plan` (matrices), `vectors` ({checkpoint name: shape}, float32) and `extra`
     ({name: array}, e.g. RoPE tables) to the weights file at `path`; returns the closed Store.
 
-    `prequantized` (export/prequantized.py), when the checkpoint is already quantized, supplies the codes
-    and scales of its quantized Linears as they are; the rest follows the spec."""
+    A checkpoint that is already quantized (export/prequantized.py: its `imported`) supplies the codes and
+    scales of its quantized Linears as they are; the rest follows the spec."""
     store = Store(WeightFile(path), spec, ops)
     todo = {(m.name, layout(spec, ops, m.use)): m for m in reversed(plan)}.values()  # each blob once
     progress = Progress(sum(m.n * m.k for m in todo), sum(len(m.parts) for m in todo),
@@ -122,7 +124,7 @@ def write_store(path: Path, ckpt, cfg, spec: QuantSpec, ops: str, plan: list[Mat
         for m in plan:
             key = (m.name, layout(spec, ops, m.use))
             if key not in written:
-                written[key] = _write_matrix(store, ckpt, cfg, m, key[1], importance or {}, prequantized, progress)
+                written[key] = _write_matrix(store, ckpt, cfg, m, key[1], importance or {}, progress)
             store.matrices[(m.name, m.use)] = written[key]
             if m.bias and f"{m.name}.bias" not in store.file:
                 store.file.add(f"{m.name}.bias", np.concatenate(
@@ -142,39 +144,37 @@ def _float(store: Store, ckpt, name: str, shape: tuple, rows: slice = slice(None
     return ckpt.tensor(name, shape, rows)
 
 
-def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dict, prequantized,
-                  progress: Progress) -> Stored:
+def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dict, progress: Progress) -> Stored:
     if kind in ("T", "table"):
         return _write_float(store, ckpt, m, kind, progress)
-    tied = cfg.tie_word_embeddings
-    spec = store.spec
-    first = m.parts[0][0]
-    bits, group = spec.bits_for(first, tied), spec.group_for(first, tied)
-    if prequantized is not None and prequantized.covers(first):
-        bits, group, symmetric = prequantized.bits, prequantized.group_size, prequantized.symmetric
+    imported = _imported(ckpt, m)
+    if imported is not None:  # as the checkpoint stores them
+        first = imported[0][0]
+        bits, group, symmetric = first.bits, first.group_size, first.zero_points is None
+
+        def blocks(part: str, rows: int):
+            yield from imported[[p for p, _ in m.parts].index(part)]
+            progress.advance(rows * m.k)
     else:
+        spec = store.spec
+        bits, group = spec.bits_for(m.parts[0][0], cfg.tie_word_embeddings), spec.group_for(m.parts[0][0],
+                                                                                           cfg.tie_word_embeddings)
         symmetric = spec.symmetric
 
-    def blocks(part: str, rows: int):
-        """QuantizedWeights of row blocks of checkpoint matrix `part` [rows, k]."""
-        if prequantized is not None and prequantized.covers(part):
-            qw = prequantized.weight(ckpt, part, rows, m.k)
-            progress.advance(rows * m.k)
-            yield qw
-            return
-        method = spec.method
-        if method == "calibrated" and part not in importance:  # an untied embedding: no matmul input
-            method = "search"
-        step = max(1, BLOCK_ELEMENTS // m.k)
-        for r in range(0, rows, step):
-            w = ckpt.tensor(f"{part}.weight", (rows, m.k), slice(r, min(rows, r + step)))
-            yield quantize_weight(w, bits, group, symmetric, method, importance.get(part))
-            progress.advance(w.size)
+        def blocks(part: str, rows: int):
+            """QuantizedWeights of row blocks of checkpoint matrix `part` [rows, k]."""
+            method = spec.method
+            if method == "calibrated" and part not in importance:  # an untied embedding: no matmul input
+                method = "search"
+            step = max(1, BLOCK_ELEMENTS // m.k)
+            for r in range(0, rows, step):
+                w = ckpt.tensor(f"{part}.weight", (rows, m.k), slice(r, min(rows, r + step)))
+                yield quantize_weight(w, bits, group, symmetric, method, importance.get(part))
+                progress.advance(w.size)
 
     for part, _ in m.parts:
         store.quantized[f"{part}.weight"] = bits
         store.groups[f"{part}.weight"] = group
-    stored = Stored(kind, bits, group, symmetric)
     if kind == "nbits":
         _write_nbits(store.file, m, bits, group, symmetric, blocks, progress)
     else:  # portable: the whole matrix's codes are rearranged (transposed, or unpacked), so kept at once
@@ -184,7 +184,24 @@ def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dic
             portable.store_dequantized_matrix(store.file, m.name, qws)
         else:
             portable.store_embedding(store.file, m.name, qws[0])
-    return stored
+    return Stored(kind, bits, group, symmetric)
+
+
+def _imported(ckpt, m: Matrix) -> list | None:
+    """[[QuantizedWeight]] per part of `m` when the checkpoint stores them quantized (GPTQ / AWQ), else None.
+    Parts stacked into one MatMulNBits must agree on bits and block size; zero points are written out for
+    all when any part has them."""
+    if not hasattr(ckpt, "imported"):
+        return None
+    qws = [ckpt.imported(part, rows, m.k) for part, rows in m.parts]
+    if all(q is None for q in qws):
+        return None
+    if any(q is None for q in qws) or len({(q.bits, q.group_size) for q in qws}) != 1:
+        raise ModelFolderError(f"{ckpt.folder}: {', '.join(p for p, _ in m.parts)} are stored with different "
+                               "quantization; expected the same bits and group size for all")
+    if any(q.zero_points is not None for q in qws):
+        qws = [with_zero_points(q) for q in qws]
+    return [[q] for q in qws]
 
 
 def _write_nbits(file: WeightFile, m: Matrix, bits: int, group: int, symmetric: bool, blocks, progress) -> None:
