@@ -9,6 +9,7 @@ intermediate names; `out=` names a value the outside world sees (a graph output)
 `WeightFile`, written once however many graphs use them; small constants are stored inline.
 """
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,11 @@ class WeightFile:
         return t
 
     def close(self) -> None:
-        self._f.close()
+        """Flush the file to disk (the export renames its folder into place only after this)."""
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
 
 
 class Graph:
