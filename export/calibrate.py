@@ -1,9 +1,9 @@
 """Activation statistics for calibrated quantization: the mean square of every input channel of every
 matrix, from the float model run over calibration text (llama.cpp calls this the importance matrix).
 
-The model runs layer by layer in numpy over all calibration sequences at once, so only one layer's float
-weights are in memory at a time. A channel that carries large activations makes its weight column's
-rounding error cost more at the output; `quantize(..., method="calibrated")` weighs the error that way.
+The model runs layer by layer in numpy, a few calibration sequences at a time, so only one layer's float
+weights and a bounded slice of activations are in memory at once. A channel that carries large activations
+makes its weight column's rounding error cost more at the output; `quantize(..., method="calibrated")` weighs the error that way.
 """
 from importlib import resources
 
@@ -66,35 +66,66 @@ def attention(x, get, p, cfg, cos, sin):
     return y.reshape(B, S, nh * D)
 
 
+CHUNK_SEQUENCES = 4  # calibration sequences through a layer at once: bounds the activations (7B MLP: 78 MB)
+
+
+def layer_weights(get, cfg, p: str) -> dict:
+    """Every tensor of decoder layer `p` in float32: the only layer in memory (a 7B layer: 0.9 GB)."""
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    shapes = {"self_attn.q_proj": (nh * D, H), "self_attn.k_proj": (kvh * D, H), "self_attn.v_proj": (kvh * D, H),
+              "self_attn.o_proj": (H, nh * D), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H),
+              "mlp.down_proj": (H, I)}
+    out = {f"{p}.{name}.weight": get(f"{p}.{name}.weight", shape) for name, shape in shapes.items()}
+    for name in ("q_proj", "k_proj", "v_proj"):
+        out[f"{p}.self_attn.{name}.bias"] = get(f"{p}.self_attn.{name}.bias", (shapes[f"self_attn.{name}"][0],))
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        out[f"{p}.{name}.weight"] = get(f"{p}.{name}.weight", (H,))
+    return out
+
+
+def decoder_layer(h, w: dict, cfg, p: str, cos, sin, record) -> np.ndarray:
+    """One layer of the float model on hidden states h [B, S, H]; `record(names, x)` sees each matmul input."""
+    x = rms_norm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+    record([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")], x)
+    a = attention(x, lambda name, shape: w[name], f"{p}.self_attn", cfg, cos, sin)
+    record([f"{p}.self_attn.o_proj"], a)
+    h = h + a @ w[f"{p}.self_attn.o_proj.weight"].T
+    x = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    record([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], x)
+    m = x @ w[f"{p}.mlp.gate_proj.weight"].T
+    m /= 1 + np.exp(-m)  # SiLU, in place
+    m *= x @ w[f"{p}.mlp.up_proj.weight"].T
+    record([f"{p}.mlp.down_proj"], m)
+    return h + m @ w[f"{p}.mlp.down_proj.weight"].T
+
+
 def activation_stats(ckpt, cfg, tokens: np.ndarray, progress=None) -> dict:
-    """{checkpoint matrix name (without .weight): mean square of its input per channel, float32 [K]}."""
+    """{checkpoint matrix name (without .weight): mean square of its input per channel, float32 [K]}.
+
+    Layer by layer: one layer's weights in float32, the sequences through it CHUNK_SEQUENCES at a time
+    (attention never crosses sequences), the hidden states of all of them kept between layers."""
     get = ckpt.tensor
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    stats = {}
+    H = cfg.hidden_size
+    sums: dict[str, np.ndarray] = {}
 
     def record(names, x):
-        ms = np.mean(np.square(x.reshape(-1, x.shape[-1]), dtype=np.float64), axis=0).astype(np.float32)
+        x = x.reshape(-1, x.shape[-1])
+        ss = np.einsum("ij,ij->j", x, x, dtype=np.float64)  # float64 sums, no float64 copy of x
         for name in names:
-            stats[name] = ms
+            sums[name] = sums.get(name, 0.0) + ss
 
     ids, where = np.unique(tokens, return_inverse=True)  # only the rows the text uses, not the whole table
     h = get("model.embed_tokens.weight", (cfg.vocab_size, H), ids)[where.reshape(tokens.shape)]  # [B, S, H]
     cos, sin = rope_tables(tokens.shape[1], cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        x = rms_norm(h, get(f"{p}.input_layernorm.weight", (H,)), cfg.rms_norm_eps)
-        record([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")], x)
-        a = attention(x, get, f"{p}.self_attn", cfg, cos, sin)
-        record([f"{p}.self_attn.o_proj"], a)
-        h = h + a @ get(f"{p}.self_attn.o_proj.weight", (H, cfg.num_attention_heads * cfg.head_dim)).T
-        x = rms_norm(h, get(f"{p}.post_attention_layernorm.weight", (H,)), cfg.rms_norm_eps)
-        record([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], x)
-        gate = x @ get(f"{p}.mlp.gate_proj.weight", (I, H)).T
-        m = gate / (1 + np.exp(-gate)) * (x @ get(f"{p}.mlp.up_proj.weight", (I, H)).T)
-        record([f"{p}.mlp.down_proj"], m)
-        h = h + m @ get(f"{p}.mlp.down_proj.weight", (H, I)).T
+        w = layer_weights(get, cfg, p)
+        for s in range(0, len(h), CHUNK_SEQUENCES):
+            h[s:s + CHUNK_SEQUENCES] = decoder_layer(h[s:s + CHUNK_SEQUENCES], w, cfg, p, cos, sin, record)
+        del w
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
     final = rms_norm(h, get("model.norm.weight", (H,)), cfg.rms_norm_eps)
     record(["lm_head", "model.embed_tokens"] if cfg.tie_word_embeddings else ["lm_head"], final)
-    return stats
+    return {name: (ss / tokens.size).astype(np.float32) for name, ss in sums.items()}

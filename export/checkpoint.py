@@ -80,7 +80,9 @@ class SafetensorsFile:
         else:
             raw = self.raw(name)[rows]
         if self.header[name]["dtype"] == "BF16":  # bf16 is the top half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            wide = raw.astype(np.uint32)
+            wide <<= 16  # in place: one float32-sized array, not two
+            return wide.view(np.float32)
         return raw.astype(np.float32, copy=False)
 
 
