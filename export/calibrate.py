@@ -46,8 +46,9 @@ def rope(x, cos, sin):  # x [B, n, S, D]
     return x * cos + rotated * sin
 
 
-def attention(x, get, p, cfg, cos, sin):
-    """Causal grouped-query attention of one layer (no cache); returns the input of o_proj [B, S, nh*D]."""
+def attention(x, get, p, cfg, cos, sin, record_kv=None):
+    """Causal grouped-query attention of one layer (no cache); returns the input of o_proj [B, S, nh*D].
+    `record_kv(k, v)` sees the keys (before RoPE) and values [B, kv_heads, S, D]."""
     B, S, H = x.shape
     nh, kvh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -55,7 +56,10 @@ def attention(x, get, p, cfg, cos, sin):
         y = x @ get(f"{p}.{name}.weight", (n * D, H)).T + get(f"{p}.{name}.bias", (n * D,))
         return y.reshape(B, S, n, D).transpose(0, 2, 1, 3)
 
-    q, k, v = rope(proj("q_proj", nh), cos, sin), rope(proj("k_proj", kvh), cos, sin), proj("v_proj", kvh)
+    k, v = proj("k_proj", kvh), proj("v_proj", kvh)
+    if record_kv:
+        record_kv(k, v)
+    q, k = rope(proj("q_proj", nh), cos, sin), rope(k, cos, sin)
     q = q.reshape(B, kvh, nh // kvh * S, D) / np.sqrt(D)
     scores = q @ k.transpose(0, 1, 3, 2)  # [B, kvh, rep*S, S]
     causal = np.tile(np.triu(np.full((S, S), -np.inf, dtype=np.float32), 1), (nh // kvh, 1))
@@ -84,11 +88,12 @@ def layer_weights(get, cfg, p: str) -> dict:
     return out
 
 
-def decoder_layer(h, w: dict, cfg, p: str, cos, sin, record) -> np.ndarray:
-    """One layer of the float model on hidden states h [B, S, H]; `record(names, x)` sees each matmul input."""
+def decoder_layer(h, w: dict, cfg, p: str, cos, sin, record, record_kv=None) -> np.ndarray:
+    """One layer of the float model on hidden states h [B, S, H]; `record(names, x)` sees each matmul input,
+    `record_kv(k, v)` the layer's keys (before RoPE) and values."""
     x = rms_norm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
     record([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")], x)
-    a = attention(x, lambda name, shape: w[name], f"{p}.self_attn", cfg, cos, sin)
+    a = attention(x, lambda name, shape: w[name], f"{p}.self_attn", cfg, cos, sin, record_kv)
     record([f"{p}.self_attn.o_proj"], a)
     h = h + a @ w[f"{p}.self_attn.o_proj.weight"].T
     x = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
@@ -108,6 +113,7 @@ def activation_stats(ckpt, cfg, tokens: np.ndarray, progress=None) -> dict:
     get = ckpt.tensor
     H = cfg.hidden_size
     sums: dict[str, np.ndarray] = {}
+    kv_range: dict[str, np.ndarray] = {}  # KV-cache scales, see kv_cache_scales
 
     def record(names, x):
         x = x.reshape(-1, x.shape[-1])
@@ -122,10 +128,25 @@ def activation_stats(ckpt, cfg, tokens: np.ndarray, progress=None) -> dict:
         p = f"model.layers.{i}"
         w = layer_weights(get, cfg, p)
         for s in range(0, len(h), CHUNK_SEQUENCES):
-            h[s:s + CHUNK_SEQUENCES] = decoder_layer(h[s:s + CHUNK_SEQUENCES], w, cfg, p, cos, sin, record)
+            h[s:s + CHUNK_SEQUENCES] = decoder_layer(h[s:s + CHUNK_SEQUENCES], w, cfg, p, cos, sin, record,
+                                                     lambda k, v: kv_ranges(kv_range, p, k, v))
         del w
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
     final = rms_norm(h, get("model.norm.weight", (H,)), cfg.rms_norm_eps)
     record(["lm_head", "model.embed_tokens"] if cfg.tie_word_embeddings else ["lm_head"], final)
-    return {name: (ss / tokens.size).astype(np.float32) for name, ss in sums.items()}
+    stats = {name: (ss / tokens.size).astype(np.float32) for name, ss in sums.items()}
+    return stats | {name: np.maximum(r, 1e-6).astype(np.float32) for name, r in kv_range.items()}
+
+
+def kv_ranges(out: dict, p: str, k: np.ndarray, v: np.ndarray) -> None:
+    """The largest magnitude each cached channel of layer `p` may take, for an int8 KV cache's per-channel
+    scales (range / 127), over [B, kv_heads, S, D] keys before RoPE and values. RoPE rotates key channels
+    c and c + D/2 together by a position-dependent angle, so a key channel's range after RoPE is the pair's
+    norm sqrt(k_c² + k_{c+D/2}²), whatever the position: both channels of a pair get it. Values: max |v|."""
+    half = k.shape[-1] // 2
+    pair = np.sqrt(np.square(k[..., :half]) + np.square(k[..., half:])).max(axis=(0, 2))  # [kv_heads, D/2]
+    ranges = {f"{p}.self_attn.k_range": np.concatenate([pair, pair], axis=-1),
+              f"{p}.self_attn.v_range": np.abs(v).max(axis=(0, 2))}
+    for name, r in ranges.items():
+        out[name] = np.maximum(out[name], r) if name in out else r

@@ -34,20 +34,27 @@ GRAPHS = {"prefill": "sequence", "decode": 1}
 
 
 OPS = ("fast", "portable")
+KV_CACHES = ("float32", "int8")
 PREQUANTIZED_SUPPORTED = True  # GPTQ / AWQ checkpoints are imported as they are (export/prequantized.py)
 
 
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
-           calibration: Path | None = None, calibration_sequences: int = 16, ops: str = "fast") -> Path:
+           calibration: Path | None = None, calibration_sequences: int = 16, ops: str = "fast",
+           kv_cache: str = "float32") -> Path:
     """Export checkpoint `src` (a Hugging Face folder or a GGUF file) to model folder `out`; return `out`.
 
     With spec.method == "calibrated", the float model first runs over `calibration` (a UTF-8 text file;
     default: the text shipped in export/data) to weigh each matrix's rounding error by its activations.
     ops "fast" uses onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, …); "portable" standard
-    ONNX only (export/portable.py)."""
+    ONNX only (export/portable.py). kv_cache "int8" keeps the KV cache in int8 with per-channel scales
+    calibrated on the same text (GroupQueryAttention's quantized cache; fast ops only)."""
     src, out = Path(src), Path(out)
     if ops not in OPS:
         raise ArgumentError(f"--ops {ops}: expected one of {', '.join(OPS)}")
+    if kv_cache not in KV_CACHES:
+        raise ArgumentError(f"--kv-cache {kv_cache}: expected one of {', '.join(KV_CACHES)}")
+    if kv_cache == "int8" and ops == "portable":
+        raise ArgumentError("--kv-cache int8: needs --ops fast (onnxruntime's GroupQueryAttention quantizes the cache)")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if out.exists() and not force:
         raise ArgumentError(f"{out}: already exists; pass --force to replace it")
@@ -72,16 +79,18 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
         ckpt.write_side_files(tmp)  # first: a checkpoint without a tokenizer fails before the long part
-        importance = None
-        if spec.method == "calibrated":
-            importance = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
+        stats = None
+        if spec.method == "calibrated" or kv_cache == "int8":
+            stats = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
+        importance = stats if spec.method == "calibrated" else None
         t = time.time()
         store = write_store(tmp / WEIGHTS_FILE, ckpt, cfg, spec, ops, qwen2.matrices(cfg), qwen2.vectors(cfg),
-                            qwen2.constants(cfg, ops), importance, report=progress_line)
+                            qwen2.constants(cfg, ops, stats if kv_cache == "int8" else None), importance,
+                            report=progress_line, kv_cache=kv_cache)
         log(f"{WEIGHTS_FILE}: {sum(store.file.nbytes.values()) / 1e6:.1f} MB in {time.time() - t:.1f} s")
         graphs = write_graphs(tmp, cfg, store, log)
         manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, store.summary() | {"imported": imported},
-                                  time.time() - started, ops)
+                                  time.time() - started, ops, kv_cache)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:

@@ -13,11 +13,11 @@ from toolkit.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256
 # files declare, generation stops at both when the vocabulary has them.
 QWEN_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
-_DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+_DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT8: "int8"}
 
 
 def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpec, graphs: dict, stored: dict,
-                   export_seconds: float, ops: str = "fast") -> dict:
+                   export_seconds: float, ops: str = "fast", kv_cache: str = "float32") -> dict:
     """The manifest of model folder `folder`, whose graphs, weights and side files are already written;
     `config` is the checkpoint's config.json (or the GGUF metadata under the same names)."""
     tok_cfg = optional_json(folder / "tokenizer_config.json")
@@ -54,7 +54,8 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "num_layers": cfg.num_hidden_layers,
             "num_key_value_heads": cfg.num_key_value_heads,
             "head_dim": cfg.head_dim,
-            "dtype": "float32",
+            "dtype": kv_cache,  # int8: round(x / scale) with per-channel scales inside the graphs
+            "scales": "per_channel" if kv_cache == "int8" else None,
             "past_key": "past_key_values.{layer}.key",
             "past_value": "past_key_values.{layer}.value",
             "present_key": "present.{layer}.key",

@@ -19,7 +19,7 @@ import numpy as np
 
 from export import portable, rope
 from export.layers import MS, add_rms_norm, embedding, linear, lm_head, rms_norm
-from export.onnx_builder import FLOAT, INT32, INT64, Graph
+from export.onnx_builder import FLOAT, INT8, INT32, INT64, Graph
 from export.store import Matrix, Store
 from toolkit.errors import ModelFolderError
 
@@ -114,13 +114,20 @@ def vectors(cfg: Qwen2Config) -> dict[str, tuple]:
     return {name: (cfg.hidden_size,) for name in names}
 
 
-def constants(cfg: Qwen2Config, ops: str) -> dict[str, np.ndarray]:
-    """Tables computed from the config rather than read: the RoPE cos/sin caches of GroupQueryAttention
-    (the portable graphs compute theirs from the positions)."""
+def constants(cfg: Qwen2Config, ops: str, kv_ranges: dict | None = None) -> dict[str, np.ndarray]:
+    """Tables computed rather than read: the RoPE cos/sin caches of GroupQueryAttention (the portable graphs
+    compute theirs from the positions), and with an int8 KV cache each layer's per-channel scales
+    [1, kv_heads, 1, head_dim]: the calibrated range of each cached channel / 127 (export/calibrate.py)."""
     if ops == "portable":
         return {}
     cos, sin = rope_tables(cfg)
-    return {"rope.cos": cos, "rope.sin": sin}
+    out = {"rope.cos": cos, "rope.sin": sin}
+    for i in range(cfg.num_hidden_layers) if kv_ranges else ():
+        for kv in ("k", "v"):
+            r = kv_ranges[f"model.layers.{i}.self_attn.{kv}_range"]
+            out[f"model.layers.{i}.self_attn.{kv}_scale"] = (r / 127).reshape(1, cfg.num_key_value_heads, 1,
+                                                                                cfg.head_dim).astype(np.float32)
+    return out
 
 
 def kv_names(layer: int) -> tuple[str, str, str, str]:
@@ -222,14 +229,21 @@ def attention(g: Graph, cfg: Qwen2Config, w: Store, i: int, x: str, context: tup
     nh, kvh, D, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     past_k, past_v, present_k, present_v = kv_names(i)
     qkv = linear(g, w, f"{p}.qkv_proj", x, (nh + 2 * kvh) * D, H, bias=True)
+    cache = INT8 if w.kv_cache == "int8" else FLOAT
     for name in (past_k, past_v):
-        g.input(name, FLOAT, ["batch", kvh, "past_sequence", D])
+        g.input(name, cache, ["batch", kvh, "past_sequence", D])
     if w.ops == "portable":
         y = portable.attention(g, cfg, qkv, kv_names(i), context)
+    elif w.kv_cache == "int8":  # keys and values stored as round(x / scale), scales per channel, in place
+        y, _, _ = g.op_multi("GroupQueryAttention", qkv, None, None, past_k, past_v, *context, None, None, None,
+                             g.weight(f"{p}.k_scale"), g.weight(f"{p}.v_scale"), n_out=3,
+                             outs=[None, present_k, present_v], domain=MS, num_heads=nh, kv_num_heads=kvh,
+                             do_rotary=1, rotary_interleaved=0, k_quant_type="PER_CHANNEL",
+                             v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
     else:
         y, _, _ = g.op_multi("GroupQueryAttention", qkv, None, None, past_k, past_v, *context, n_out=3,
                              outs=[None, present_k, present_v], domain=MS, num_heads=nh, kv_num_heads=kvh,
                              do_rotary=1, rotary_interleaved=0)
     for name in (present_k, present_v):
-        g.output(name, FLOAT, ["batch", kvh, "total_sequence", D])
+        g.output(name, cache, ["batch", kvh, "total_sequence", D])
     return linear(g, w, f"{p}.o_proj", y, H, nh * D)

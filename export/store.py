@@ -68,6 +68,7 @@ class Store:
     file: WeightFile
     spec: QuantSpec
     ops: str
+    kv_cache: str = "float32"  # "int8": the graphs' GroupQueryAttention keeps an int8 cache (scales stored)
     matrices: dict = field(default_factory=dict)  # (graph name, use) -> Stored
     quantized: dict = field(default_factory=dict)  # checkpoint tensor -> bits (manifest)
     groups: dict = field(default_factory=dict)  # checkpoint tensor -> group size (manifest)
@@ -109,13 +110,13 @@ class Progress:
 
 
 def write_store(path: Path, ckpt, cfg, spec: QuantSpec, ops: str, plan: list[Matrix], vectors: dict,
-                extra: dict, importance: dict | None = None, report=None) -> Store:
+                extra: dict, importance: dict | None = None, report=None, kv_cache: str = "float32") -> Store:
     """Write every tensor of `plan` (matrices), `vectors` ({checkpoint name: shape}, float32) and `extra`
     ({name: array}, e.g. RoPE tables) to the weights file at `path`; returns the closed Store.
 
     A checkpoint that is already quantized (export/prequantized.py: its `imported`) supplies the codes and
     scales of its quantized Linears as they are; the rest follows the spec."""
-    store = Store(WeightFile(path), spec, ops)
+    store = Store(WeightFile(path), spec, ops, kv_cache)
     todo = {(m.name, layout(spec, ops, m.use)): m for m in reversed(plan)}.values()  # each blob once
     progress = Progress(sum(m.n * m.k for m in todo), sum(len(m.parts) for m in todo),
                         report or (lambda line, final: None))

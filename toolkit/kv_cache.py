@@ -9,6 +9,8 @@ shared prefix, a rejected speculative draft) just lowers it. The capacity starts
 call needs more (one copy), up to `limit` (the model's max_length): the full context is never allocated
 up front. Graphs exported with `--ops portable` (standard attention) return present = [past; new] as new
 tensors instead (manifest kv_cache.in_place false): then the presents of one call are the next call's pasts.
+An export with `--kv-cache int8` keeps int8 buffers (kv_cache.dtype): the graphs quantize what they append
+with per-channel scales they hold, so growing, joining and truncating still just copy bytes.
 """
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +18,7 @@ import onnxruntime as ort
 from toolkit.errors import ContextOverflowError
 
 START = 256  # positions allocated at first
+DTYPES = {"float32": np.float32, "int8": np.int8}  # the manifest's kv_cache.dtype (int8: scales in the graphs)
 
 
 class KVCache:
@@ -30,6 +33,7 @@ class KVCache:
         self.batch, self.heads, self.head_dim = batch, spec["num_key_value_heads"], spec["head_dim"]
         self.limit = limit
         self.in_place = spec.get("in_place", True)
+        self.dtype = DTYPES[spec.get("dtype", "float32")]
         self.length = 0  # positions in use (for a batch: the longest row's, shorter rows padded)
         if self.in_place:
             self._allocate(min(capacity, limit))
@@ -38,7 +42,7 @@ class KVCache:
             self.values = [ort.OrtValue.ortvalue_from_numpy(self._zeros(0)) for _ in range(2 * self.layers)]
 
     def _zeros(self, positions: int) -> np.ndarray:
-        return np.zeros((self.batch, self.heads, positions, self.head_dim), dtype=np.float32)
+        return np.zeros((self.batch, self.heads, positions, self.head_dim), dtype=self.dtype)
 
     @property
     def capacity(self) -> int:
