@@ -25,7 +25,7 @@ def run_chat(model, system=None, **options) -> None:
     # SIGINT ignored (as a shell does for a background job; children inherit it).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     chat = model.chat_session(system=system, **options)
-    totals = {"turns": 0, "generated": 0}
+    totals = {"turns": 0, "generated": 0, "drafted": 0, "accepted": 0}
     click.echo(f"qwen-edge chat — {HELP}", err=True)
     while True:
         try:
@@ -96,6 +96,8 @@ def answer(chat, text: str, totals: dict) -> None:
     totals["turns"] += 1
     if chat.last:
         totals["generated"] += chat.last.generated_tokens
+        totals["drafted"] += chat.last.drafted_tokens
+        totals["accepted"] += chat.last.accepted_tokens
         click.echo(click.style(status_line(chat), dim=True), err=True)
 
 
@@ -104,13 +106,22 @@ def status_line(chat) -> str:
     new = s.prompt_tokens - s.reused_tokens
     return (f"[prefill {new} tok ({s.reused_tokens} reused) in {s.prefill_seconds:.2f} s, "
             f"{s.prefill_tokens_per_second:,.0f} tok/s · decode {s.generated_tokens} tok, "
-            f"{s.decode_tokens_per_second:.1f} tok/s · context {chat.context_used}/{chat.model.max_length}]")
+            f"{s.decode_tokens_per_second:.1f} tok/s{draft_part(s.drafted_tokens, s.accepted_tokens)} · "
+            f"context {chat.context_used}/{chat.model.max_length}]")
+
+
+def draft_part(drafted: int, accepted: int) -> str:
+    """' · draft 41/60 accepted (68 %)' when tokens were drafted (a draft model or prompt lookup), else ''."""
+    return f" · draft {accepted}/{drafted} accepted ({100 * accepted / drafted:.0f} %)" if drafted else ""
 
 
 def stats_text(chat, totals: dict) -> str:
     lines = [f"turns {totals['turns']}, tokens generated {totals['generated']}, "
              f"context {chat.context_used}/{chat.model.max_length} tokens, "
              f"turns dropped to fit {chat.dropped_turns}"]
+    if totals.get("drafted"):
+        lines.append(f"drafted tokens {totals['drafted']}, accepted {totals['accepted']} "
+                     f"({100 * totals['accepted'] / totals['drafted']:.1f} %)")
     if chat.last:
         lines.append("last answer: " + status_line(chat))
     return "\n".join(lines)

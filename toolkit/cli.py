@@ -46,9 +46,12 @@ def cli():
 @click.option("--ops", type=click.Choice(["fast", "portable"]), default="fast", show_default=True,
               help="fast: onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, ...); portable: standard "
                    "ONNX only (opset 21: DequantizeLinear, MatMul, standard attention)")
+@click.option("--kv-cache", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
+              help="int8: the KV cache in int8 with per-channel scales calibrated on the calibration text "
+                   "(a quarter of the cache's memory; faster decode at long contexts, slower prefill)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, lm_head_bits, embed_bits,
-               lm_head_group_size, embed_group_size, calibration, ops, force):
+               lm_head_group_size, embed_group_size, calibration, ops, kv_cache, force):
     """Convert SRC (a Hugging Face Qwen2 folder or a GGUF file) into the model folder OUT."""
     try:
         from export import QuantSpec, export
@@ -62,7 +65,8 @@ def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, l
                                  lm_head_bits=lm_head_bits and int(lm_head_bits),
                                  embed_bits=embed_bits and int(embed_bits), lm_head_group_size=lm_head_group_size,
                                  embed_group_size=embed_group_size)
-    export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration), ops=ops)
+    export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration), ops=ops,
+           kv_cache=kv_cache)
 
 
 def model_options(f):
@@ -86,10 +90,25 @@ def sampling_options(f):
     return click.option("--max-new-tokens", type=int, default=256, show_default=True)(f)
 
 
-def load_model(model, provider, threads, max_length):
+def draft_options(f):
+    f = click.option("--draft-tokens", type=click.IntRange(1, 16), default=8, show_default=True,
+                     help="with --draft: the most tokens drafted per step (k starts at 4 or less and adapts)")(f)
+    return click.option("--draft", default=None, type=click.Path(path_type=str),
+                        help="a smaller model folder with the same tokenizer that proposes tokens for MODEL to "
+                             "verify in one call (speculative decoding: greedy output unchanged, sampling "
+                             "from MODEL's distribution)")(f)
+
+
+def check_draft_and_lookup(draft, lookup) -> None:
+    if draft and lookup:
+        raise ArgumentError("--draft and --lookup: use one or the other")
+
+
+def load_model(model, provider, threads, max_length, draft=None, draft_tokens=8):
     from toolkit.model import load
 
-    return load(model, provider=provider, threads=threads, max_length=max_length)
+    return load(model, provider=provider, threads=threads, max_length=max_length, draft=draft,
+                draft_tokens=draft_tokens)
 
 
 @cli.command()
@@ -100,17 +119,21 @@ def load_model(model, provider, threads, max_length):
 @click.option("--stop", multiple=True, help="stop at this text (repeatable)")
 @click.option("--raw", is_flag=True, help="send PROMPT as is, without the chat template")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: token ids and text")
+@draft_options
 def generate(model, prompt, max_new_tokens, lookup, temperature, top_k, top_p, repetition_penalty, seed, stop, raw,
-             as_json, provider, threads, max_length):
+             as_json, provider, threads, max_length, draft, draft_tokens):
     """Answer PROMPT with the model folder MODEL (streamed to stdout)."""
-    m = load_model(model, provider, threads, max_length)
+    check_draft_and_lookup(draft, lookup)
+    m = load_model(model, provider, threads, max_length, draft, draft_tokens)
     chat = prompt if raw else [{"role": "user", "content": prompt}]
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup)
     if as_json:
         c = m.complete([chat], **options)[0]
-        click.echo(json.dumps({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text,
-                               "finish_reason": c.finish_reason}, ensure_ascii=False))
+        out = {"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+        if draft:
+            out["draft"] = {"drafted_tokens": c.stats.drafted_tokens, "accepted_tokens": c.stats.accepted_tokens}
+        click.echo(json.dumps(out, ensure_ascii=False))
         return
     for piece in m.stream(chat, **options):
         click.echo(piece, nl=False)
@@ -122,12 +145,14 @@ def generate(model, prompt, max_new_tokens, lookup, temperature, top_k, top_p, r
 @sampling_options
 @model_options
 @click.option("--system", default=None, help="system prompt")
+@draft_options
 def chat(model, max_new_tokens, lookup, temperature, top_k, top_p, repetition_penalty, seed, provider, threads,
-         max_length, system):
+         max_length, system, draft, draft_tokens):
     """Chat with MODEL in the terminal: streaming, multi-turn memory; /reset, /system, /stats, /exit."""
     from toolkit.chat import run_chat
 
-    m = load_model(model, provider, threads, max_length)
+    check_draft_and_lookup(draft, lookup)
+    m = load_model(model, provider, threads, max_length, draft, draft_tokens)
     run_chat(m, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              repetition_penalty=repetition_penalty, seed=seed, lookup=lookup)
 
@@ -203,7 +228,8 @@ def bench_cmd(model, prompt_tokens, new_tokens, runs, threads, provider, as_json
 @click.option("--max-queue", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="requests that may wait for the one running; more get 503")
 @model_options
-def serve(model, host, port, api_key, model_id, max_queue, provider, threads, max_length):
+@draft_options
+def serve(model, host, port, api_key, model_id, max_queue, provider, threads, max_length, draft, draft_tokens):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     try:
         from toolkit.server import serve as run_server
@@ -212,7 +238,7 @@ def serve(model, host, port, api_key, model_id, max_queue, provider, threads, ma
                             "pip install 'qwen-edge[serve]'") from None
     from pathlib import Path
 
-    m = load_model(model, provider, threads, max_length)
+    m = load_model(model, provider, threads, max_length, draft, draft_tokens)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     run_server(m, model_id or Path(model).resolve().name, host=host, port=port, api_key=api_key,

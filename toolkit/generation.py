@@ -1,5 +1,6 @@
 """What one generated sequence carries: its result (Completion, Stats), its per-row state while it decodes
-(Row: sampler, seen ids, text stream, stop), and prompt-lookup drafting. toolkit/model.py runs the graphs."""
+(Row: sampler, seen ids, text stream, stop), and prompt-lookup drafting. toolkit/model.py runs the graphs;
+toolkit/speculative.py drafts with a second, smaller model."""
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,13 @@ class Stats:
     prefill_seconds: float = 0.0  # prefill call: the time to the first token's logits
     generated_tokens: int = 0  # tokens sampled (per row, the longest)
     decode_seconds: float = 0.0  # every decode call after the prefill
+    drafted_tokens: int = 0  # speculative decoding (a draft model or prompt lookup): tokens proposed
+    accepted_tokens: int = 0  # ... and how many of them the model kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tokens_per_second(self) -> float:

@@ -9,10 +9,12 @@ Generation: one prefill call per prompt (a batch is then joined into one right-p
 per new token for the whole batch; the KV cache's buffers are bound through IO binding and the graphs write
 into them (toolkit/kv_cache.py). By default one session (prefill.onnx) serves every call, so the prepacked
 weights exist once in RAM; decode_graph=True runs the single-token steps through decode.onnx in a second
-session instead. The per-sequence bookkeeping (sampling, text, stop) is in toolkit/generation.py.
+session instead. The per-sequence bookkeeping (sampling, text, stop) is in toolkit/generation.py; decoding with
+a draft model (speculative decoding) in toolkit/speculative.py.
 """
 import threading
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +28,7 @@ from toolkit.generation import Completion, Row, Stats, prompt_lookup
 from toolkit.kv_cache import KVCache
 from toolkit.manifest import Manifest, read_manifest
 from toolkit.sampling import SamplingParams, make_sampler
+from toolkit import speculative
 from toolkit.tokenizer import Tokenizer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
@@ -40,7 +43,11 @@ class Model:
     it takes one turn at a time."""
 
     def __init__(self, folder, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
-                 verify: bool = False, preload: bool = True, decode_graph: bool = False):
+                 verify: bool = False, preload: bool = True, decode_graph: bool = False, draft=None,
+                 draft_tokens: int = speculative.K_DEFAULT, spin: bool | None = None):
+        """See `load`. spin: let onnxruntime's worker threads spin-wait between calls (faster for one model
+        alone); default: on, unless a draft is given (see `_stop_spinning`)."""
+        self.draft_tokens = speculative.check_draft_tokens(draft_tokens)
         self.manifest: Manifest = read_manifest(folder)
         self.manifest.check_files(hashes=verify)
         self.config = self.manifest["model"]
@@ -55,11 +62,8 @@ class Model:
             raise ArgumentError(f"max_length {max_length}: expected an integer >= 2")
         self.max_length = min(max_length or context, context)
         self.defaults = self.manifest.get("generation", {})
-        self._options = session_options(threads)
-        if self.manifest.get("ops") == "portable":
-            # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits at one session-wide accuracy level
-            level = self.manifest["quantization"].get("accuracy_level") or 0
-            self._options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        self._threads, self._spin = threads, draft is None if spin is None else spin
+        self._options = self._session_options()
         self._providers = [resolve_provider(provider)]
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._load_lock = threading.Lock()
@@ -70,6 +74,59 @@ class Model:
             self.session("prefill")
             if decode_graph:
                 self.session("decode")
+        # a draft folder is loaded with the same provider, threads, context budget and options
+        self._load_options = dict(provider=provider, threads=threads, max_length=self.max_length, verify=verify,
+                                  preload=preload, decode_graph=decode_graph)
+        self._checked_drafts = weakref.WeakSet()  # per-call drafts already compared with this model
+        self.draft: Model | None = None
+        self.set_draft(draft)
+
+    def _session_options(self) -> ort.SessionOptions:
+        options = session_options(self._threads, spin=self._spin)
+        if self.manifest.get("ops") == "portable":
+            # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits at one session-wide accuracy level
+            level = self.manifest["quantization"].get("accuracy_level") or 0
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        return options
+
+    def _stop_spinning(self) -> None:
+        """A target and its draft alternate call by call on the same cores: each session's worker threads
+        must not spin-wait after a call (onnxruntime's default), or they take the cores from the other
+        model's call (measured on 2 cores, int8 target + int4 draft: 33.4 -> 43.7 tok/s; plain decoding
+        unchanged within noise). Re-opens the sessions already loaded, once."""
+        if not self._spin:
+            return
+        self._spin = False
+        self._options = self._session_options()
+        with self._load_lock:
+            for name in list(self._sessions):
+                self._sessions[name] = self._open(name)
+
+    def set_draft(self, draft) -> None:
+        """Use `draft` (a model folder, loaded with this model's provider, threads and max_length; a loaded
+        Model; or None for none) to propose tokens for every call that does not say otherwise (see
+        toolkit/speculative.py). Raises ArgumentError if its tokenizer differs from this model's."""
+        self.draft = speculative.resolve(self, draft, lambda folder: Model(folder, **self._load_options, spin=False))
+        if self.draft is not None:
+            self._checked_drafts.add(self.draft)
+            self._stop_spinning()
+            self.draft._stop_spinning()
+
+    def _draft_for(self, draft) -> "Model | None":
+        """The draft of one call: None means the model's own (set_draft), False none, else a loaded Model."""
+        if draft is None:
+            return self.draft
+        if draft is False:
+            return None
+        if not isinstance(draft, Model):
+            raise ArgumentError(f"draft {draft!r}: per call, expected a Model from toolkit.load or False (load a "
+                                "draft folder once: toolkit.load(path, draft=FOLDER))")
+        if draft not in self._checked_drafts:
+            speculative.check_draft(self, draft)
+            self._checked_drafts.add(draft)
+            self._stop_spinning()
+            draft._stop_spinning()
+        return draft
 
     def session(self, name: str) -> ort.InferenceSession:
         """The ONNX Runtime session of graph `name` ("prefill" or "decode"), loaded on first use."""
@@ -147,7 +204,8 @@ class Model:
 
     def complete(self, prompts: list, max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None, stop=(), lookup: int = 0) -> list[Completion]:
+                 seed: int | None = None, stop=(), lookup: int = 0, draft=None,
+                 draft_tokens: int | None = None) -> list[Completion]:
         """Generate for a list of prompts (str, message lists, or lists of token ids) as one batch.
 
         Sampling options default to the model's generation_config; temperature 0 is greedy. Generation
@@ -155,28 +213,39 @@ class Model:
         lookup=N (one prompt, greedy only) drafts up to N tokens per step by prompt lookup and verifies
         them in one call: the same tokens as plain greedy, faster when the answer repeats its context
         (editing code, quoting).
+        draft (one prompt; greedy or sampling): None uses the model's draft (`load(..., draft=FOLDER)` or
+        `set_draft`), False decodes without one, a Model (same tokenizer) drafts for this call. The draft
+        proposes up to draft_tokens (1-16, default the model's `draft_tokens`) tokens per step, verified in
+        one call: greedy gives the target's own tokens (up to the rounding of quantized kernels in a
+        near-tie), sampling draws from the target's distribution (toolkit/speculative.py).
+        Completion.stats counts drafted and accepted tokens.
         """
         if not isinstance(prompts, list) or not prompts:
             raise ArgumentError("prompts: expected a non-empty list of prompts")
         ids = [self.encode(p) for p in prompts]
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup)
+                       repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup, draft=draft,
+                       draft_tokens=draft_tokens)
         out = [Completion("", p) for p in ids]
         for row, piece in self._run(ids, _collect=out, **options):
             out[row].text += piece
         return out
 
     def _run(self, prompts: list[list[int]], max_new_tokens=256, temperature=None, top_k=None, top_p=None,
-             repetition_penalty=None, seed=None, stop=(), lookup: int = 0, _collect=None,
-             cache: KVCache | None = None, stats: Stats | None = None) -> Iterator[tuple[int, str]]:
+             repetition_penalty=None, seed=None, stop=(), lookup: int = 0, draft=None, draft_tokens=None,
+             _collect=None, cache: KVCache | None = None, draft_cache: KVCache | None = None,
+             stats: Stats | None = None) -> Iterator[tuple[int, str]]:
         """Core loop: yields (row, text piece) as tokens are decoded.
 
         `cache`, for one prompt only, holds the KV of the prompt's first `cache.length` tokens (a chat's
         earlier turns): only the rest is prefilled, and the cache is extended in place, ending with every
-        token fed to the model (the prompt and all generated tokens but the last)."""
+        token fed to the model (the prompt and all generated tokens but the last). `draft_cache` is the
+        same for the draft model (it may hold fewer tokens, or none)."""
         params = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
         if not isinstance(lookup, int) or lookup < 0 or lookup > 64:
             raise ArgumentError(f"lookup {lookup}: expected an integer from 0 (off) to 64 draft tokens")
+        draft = self._draft_for(draft)
+        draft_tokens = speculative.check_draft_tokens(self.draft_tokens if draft_tokens is None else draft_tokens)
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if not all(isinstance(s, str) for s in stop):
             raise ArgumentError(f"stop {stop!r}: expected a string or a list of strings")
@@ -195,6 +264,11 @@ class Model:
         batch = len(prompts)
         if lookup and (batch > 1 or params.temperature != 0):
             raise ArgumentError("lookup: needs one prompt and greedy decoding (temperature 0)")
+        if draft is not None and batch > 1:
+            raise ArgumentError(f"draft: needs one prompt, not a batch of {batch} (pass draft=False to decode "
+                                "the batch without it)")
+        if draft is not None and lookup:
+            raise ArgumentError("draft and lookup: use one or the other (pass draft=False to use lookup)")
         # one generator per row (seed + row): rows of a batch draw independently and reproducibly
         rows = [Row(prompts[r], self.eos_ids, self.tokenizer, stop, _collect[r] if _collect else None,
                     make_sampler(params if params.seed is None else replace(params, seed=params.seed + r)))
@@ -209,7 +283,11 @@ class Model:
             logits, mask, cache = self._prefill_rows(prompts)
         stats.prefill_seconds = time.perf_counter() - t
         t = time.perf_counter()
-        if lookup:
+        if draft is not None:
+            draft_cache = draft_cache if draft_cache is not None else draft.new_cache(1)
+            yield from ((0, piece) for piece in speculative.speculative_loop(
+                self, draft, rows[0], logits[0], cache, draft_cache, max_new_tokens, draft_tokens, stats, t))
+        elif lookup:
             yield from ((0, piece) for piece in self._lookup_loop(rows[0], logits[0], cache, max_new_tokens, lookup,
                                                                    stats, t))
         else:
@@ -280,6 +358,8 @@ class Model:
                 while accepted < len(draft) and row.sample(verified[accepted], draft[:accepted]) == draft[accepted]:
                     accepted += 1
                 cache.truncate(cache.length - len(draft) + accepted)  # the rejected draft tokens leave the cache
+                stats.drafted_tokens += len(draft)
+                stats.accepted_tokens += accepted
                 logits = verified[accepted]
                 for d in draft[:accepted]:
                     _, piece = row.take(d)
@@ -347,8 +427,10 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
@@ -359,7 +441,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def load(path, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
-         verify: bool = False, preload: bool = True, decode_graph: bool = False) -> Model:
+         verify: bool = False, preload: bool = True, decode_graph: bool = False, draft=None,
+         draft_tokens: int = speculative.K_DEFAULT) -> Model:
     """Load an exported model folder.
 
     provider: "cpu", "cuda" or "dml"; threads: CPU threads (default: onnxruntime's choice); max_length:
@@ -367,6 +450,9 @@ def load(path, provider: str = "cpu", threads: int | None = None, max_length: in
     every file's sha256 (slower); preload: create the session(s) now rather than on first use;
     decode_graph: run single-token steps through decode.onnx in a second session instead of through the
     prefill graph (measured on the sample's CPU: the same decode speed, +0.8 s load and +360 MB RSS,
-    because onnxruntime prepacks the weights once per session)."""
+    because onnxruntime prepacks the weights once per session); draft: a smaller model folder (or a loaded
+    Model) with the same tokenizer, loaded with the same options, that proposes tokens for this one to
+    verify (speculative decoding, toolkit/speculative.py; per call `draft=False` turns it off); draft_tokens:
+    the most tokens it proposes per step (1-16, default 8; k starts at min(4, draft_tokens) and adapts)."""
     return Model(Path(path), provider=provider, threads=threads, max_length=max_length, verify=verify,
-                 preload=preload, decode_graph=decode_graph)
+                 preload=preload, decode_graph=decode_graph, draft=draft, draft_tokens=draft_tokens)

@@ -2,6 +2,8 @@
 
 Temperature 0 means greedy (argmax). Sampling narrows the vocabulary with top-k (argpartition, no full
 sort) and top-p before drawing from a seeded numpy Generator, so the same seed gives the same tokens.
+`distribution` returns the processed probability vector itself, which speculative sampling with a draft
+model compares between the two models (toolkit/speculative.py).
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -64,20 +66,49 @@ def apply_top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
     return out / out.sum()
 
 
+def candidates(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """What a sampling draw chooses from, after the repetition penalty, temperature, top-k and top-p: (token
+    ids, their probabilities, float64, summing to 1). Temperature 0 (greedy): the argmax with probability 1."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return np.array([int(np.argmax(logits))]), np.ones(1)
+    ids = top_k_candidates(logits, params.top_k)
+    scaled = logits[ids].astype(np.float64) / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    return ids, apply_top_p(probs / probs.sum(), params.top_p)
+
+
+def distribution(logits: np.ndarray, seen: np.ndarray, params: SamplingParams, size: int | None = None) -> np.ndarray:
+    """The full probability vector (float64, length `size`, default the logits' width) that `make_sampler`
+    draws the next token from: zero outside the top-k / top-p candidates, one-hot at the argmax when greedy.
+    Speculative sampling compares the target's and the draft's vectors (toolkit/speculative.py)."""
+    ids, probs = candidates(logits, seen, params)
+    out = np.zeros(size or logits.shape[-1], dtype=np.float64)
+    keep = ids < out.size
+    out[ids[keep]] = probs[keep]
+    return out
+
+
+def draw(ids: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One id from `ids` with probabilities `probs` (need not be normalised), using one number of `rng`."""
+    pick = np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right")
+    return int(ids[min(pick, ids.size - 1)])
+
+
+class Sampler:
+    """`sampler(logits [V], seen token ids) -> next token id`; `params` and its seeded generator `rng` are
+    exposed so that speculative sampling draws from the same random stream."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params.check()
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, seen: np.ndarray) -> int:
+        if self.params.temperature == 0:
+            return int(np.argmax(apply_repetition_penalty(logits, seen, self.params.repetition_penalty)))
+        return draw(*candidates(logits, seen, self.params), self.rng)
+
+
 def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, np.ndarray], int]:
-    """A function (logits [V], seen token ids) -> next token id."""
-    params.check()
-    rng = np.random.default_rng(params.seed)
-
-    def sample(logits: np.ndarray, seen: np.ndarray) -> int:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        if params.temperature == 0:
-            return int(np.argmax(logits))
-        ids = top_k_candidates(logits, params.top_k)
-        scaled = logits[ids].astype(np.float64) / params.temperature
-        probs = np.exp(scaled - scaled.max())
-        probs = apply_top_p(probs / probs.sum(), params.top_p)
-        pick = np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right")
-        return int(ids[min(pick, ids.size - 1)])
-
-    return sample
+    """A function (logits [V], seen token ids) -> next token id (a `Sampler`)."""
+    return Sampler(params)

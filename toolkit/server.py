@@ -8,8 +8,10 @@
 Scheduling: one answer is generated at a time, by one worker thread; requests wait their turn in a FIFO
 (at most `max_queue`, then 503), so answers never mix. The worker keeps the last request's KV cache: a
 request that starts with the same tokens (a chat client re-sending its history) prefills only the rest
-(`usage.prompt_tokens_details.cached_tokens` says how many were reused). A streamed answer whose client
-disconnects is stopped at its next token and the worker moves on.
+(`usage.prompt_tokens_details.cached_tokens` says how many were reused). With a draft model (`qwen-edge serve
+--draft`), the draft keeps its own cache the same way; `usage.completion_tokens_details` counts the drafted
+tokens kept (`accepted_prediction_tokens`) and thrown away (`rejected_prediction_tokens`), /health the
+totals. A streamed answer whose client disconnects is stopped at its next token and the worker moves on.
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 malformed JSON or a bad
 value (naming the field), 400 `context_length_exceeded` for a prompt that does not fit, 401 a missing or
@@ -81,6 +83,8 @@ class Worker:
         # The last request's KV cache and the token ids it holds: a chat client re-sends its whole history
         # each turn, so the next request usually starts with these ids and prefills only what is new.
         self.prefix = PrefixCache(model.new_cache(1))
+        self.draft_prefix = PrefixCache(model.draft.new_cache(1)) if model.draft is not None else None
+        self.drafted = {"drafted_tokens": 0, "accepted_tokens": 0}
         threading.Thread(target=self._loop, name="qwen-edge-worker", daemon=True).start()
 
     def submit(self, ids: list[int], options: dict) -> Job:
@@ -105,7 +109,9 @@ class Worker:
 
     def _generate(self, job: Job) -> None:
         done = [Completion("", job.ids)]
-        pieces = self.model._run([job.ids], _collect=done, cache=self.prefix.reuse(job.ids), **job.options)
+        draft_cache = self.draft_prefix.reuse(job.ids) if self.draft_prefix is not None else None
+        pieces = self.model._run([job.ids], _collect=done, cache=self.prefix.reuse(job.ids), draft_cache=draft_cache,
+                                 **job.options)
         try:
             for _, piece in pieces:
                 if job.cancel.is_set():
@@ -123,6 +129,10 @@ class Worker:
         finally:
             pieces.close()
             self.prefix.record(job.ids, done[0].token_ids)
+            if draft_cache is not None:
+                self.draft_prefix.record(job.ids, done[0].token_ids)
+            self.drafted["drafted_tokens"] += done[0].stats.drafted_tokens
+            self.drafted["accepted_tokens"] += done[0].stats.accepted_tokens
         self.counts["completed"] += 1
         job.emit("done", done[0])
 
@@ -252,8 +262,10 @@ def create_app(model, model_id: str, api_key: str | None = None, max_queue: int 
         return ids
 
     async def health(request: Request):
+        draft = {} if model.draft is None else {"draft": {"model": model.draft.manifest.folder.resolve().name,
+                                                          **worker.drafted}}
         return JSONResponse({"status": "ok", "model": model_id, "active": worker.active,
-                             "queued": worker.jobs.qsize(), **worker.counts})
+                             "queued": worker.jobs.qsize(), **worker.counts, **draft})
 
     async def models(request: Request):
         check_key(request)
@@ -336,7 +348,10 @@ class Shape:
     def usage(c: Completion) -> dict:
         return {"prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids),
                 "total_tokens": len(c.prompt_ids) + len(c.token_ids),
-                "prompt_tokens_details": {"cached_tokens": c.stats.reused_tokens}}
+                "prompt_tokens_details": {"cached_tokens": c.stats.reused_tokens},
+                "completion_tokens_details": {
+                    "accepted_prediction_tokens": c.stats.accepted_tokens,
+                    "rejected_prediction_tokens": c.stats.drafted_tokens - c.stats.accepted_tokens}}
 
     def final(self, text: str, c: Completion) -> dict:
         if self.chat:

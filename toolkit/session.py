@@ -11,6 +11,9 @@ cache is dropped, and only the new tokens go through the prefill graph. Matching
 the history keeps this correct when a template re-renders earlier turns differently (e.g. Qwen's default
 system prompt, or an answer that re-tokenizes differently from how it was generated).
 
+With a draft model (`draft=` in the options, or the model's own from `load(..., draft=FOLDER)`), the draft
+keeps its own KV cache between turns the same way (a second PrefixCache), so it too prefills only what is new.
+
 Context policy: a turn needs room for its prompt plus `max_new_tokens` (capped at half of max_length).
 When the conversation does not fit, the oldest user/assistant turns are dropped, the system prompt kept,
 and the shortened conversation is prefilled from the first changed token. If the newest message alone
@@ -38,6 +41,8 @@ class ChatSession:
         self.dropped_turns = 0  # user/assistant pairs dropped to fit the context
         self.last: Stats | None = None  # timing of the last turn
         self._prefix = PrefixCache(model.new_cache(1))
+        self._draft_prefix: PrefixCache | None = None  # the draft model's cache, made on the first turn using it
+        self._draft_model = None
         self._busy = threading.Lock()
 
     @property
@@ -57,6 +62,7 @@ class ChatSession:
             self.system = system
         self.messages, self.dropped_turns, self.last = [], 0, None
         self._prefix = PrefixCache(self.model.new_cache(1))
+        self._draft_prefix = self._draft_model = None
 
     def set_system(self, system: str | None) -> None:
         """Change the system prompt; the turns stay, the next turn re-prefills from the first changed token."""
@@ -77,14 +83,23 @@ class ChatSession:
         try:
             user = {"role": "user", "content": text}
             ids = self._fit(user, options.get("max_new_tokens", 256))
+            draft = self.model._draft_for(options.get("draft"))
+            draft_cache = None
+            if draft is not None:
+                if self._draft_model is not draft:
+                    self._draft_prefix, self._draft_model = PrefixCache(draft.new_cache(1)), draft
+                draft_cache = self._draft_prefix.reuse(ids)
             cache = self._prefix.reuse(ids)
             done, stats, answer = [Completion("", ids)], Stats(), ""
             try:
-                for _, piece in self.model._run([ids], _collect=done, cache=cache, stats=stats, **options):
+                for _, piece in self.model._run([ids], _collect=done, cache=cache, stats=stats,
+                                                **(options | {"draft": draft or False, "draft_cache": draft_cache})):
                     answer += piece
                     yield piece
             finally:  # also on Ctrl-C or a closed stream: remember what the model has seen and said
                 self._prefix.record(ids, done[0].token_ids)
+                if draft_cache is not None:
+                    self._draft_prefix.record(ids, done[0].token_ids)
                 self.messages += [user, {"role": "assistant", "content": answer}]
                 self.last = stats
         finally:
