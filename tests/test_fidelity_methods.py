@@ -65,7 +65,8 @@ def test_calibration_statistics_match_the_oracles_activations(checkpoint):
         ref(torch.from_numpy(tokens))
     for h in hooks:
         h.remove()
-    assert set(seen) == set(ours)
+    ranges = {name for name in ours if name.endswith(("k_range", "v_range"))}  # the KV cache's (test_kv_int8)
+    assert set(seen) == set(ours) - ranges
     for name, x in seen.items():
         expected = x.reshape(-1, x.shape[-1]).square().mean(0).numpy()
         np.testing.assert_allclose(ours[name], expected, rtol=2e-3, atol=1e-6, err_msg=name)
