@@ -86,7 +86,7 @@ def prepare_child(folder: str, kind: str, out_dir: str, threads: int = 2) -> dic
 
 
 def probe_child(folder: str, variant: str, threads: int = 2, prompt_tokens: int = 64, steps: int = 32,
-                runs: int = 2, prepared: str | None = None) -> dict:
+                runs: int = 2, prepared: str | None = None, load_only: bool = False) -> dict:
     """Load `folder` with `variant`'s settings, then time the first call and a short greedy decode."""
     memory.phase("import")
     import numpy as np
@@ -142,6 +142,9 @@ def probe_child(folder: str, variant: str, threads: int = 2, prompt_tokens: int 
     model.session("prefill")
     loaded = time.perf_counter()
     after_load = memory.status("self")
+    if load_only:
+        return {"variant": variant, "load_s": loaded - t, "load_session_s": loaded - t_session,
+                "after_load": after_load, "config": CONFIG[variant]}
     memory.phase("first_call")
     ids = prompt_ids(model.tokenizer, prompt_tokens)
     first, _, _ = greedy_timed(model, ids, 1)
@@ -164,6 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--src-root", type=Path, default=ROOT)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="measure each variant this many times (min load kept)")
+    ap.add_argument("--load-only", action="store_true", help="no first call or decode (e.g. disable_prepacking on 7B)")
     ap.add_argument("--no-lock", action="store_true")
     args = ap.parse_args(argv)
     folder = args.folder.resolve()
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
                     read_through(Path(prepared).parent)
                 rep = memory.measure_call(f"{__file__}:probe_child",
                                           {"folder": str(folder), "variant": v, "threads": args.threads,
-                                           "prepared": prepared}, env=env, cwd=str(args.src_root))
+                                           "prepared": prepared, "load_only": args.load_only},
+                                          env=env, cwd=str(args.src_root))
             if best is None or (rep.get("result") or {}).get("load_s", 1e9) < (best.get("result") or {}).get("load_s", 1e9):
                 best = rep
         rep = best
