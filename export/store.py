@@ -150,11 +150,11 @@ def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dic
         return _write_float(store, ckpt, m, kind, progress)
     imported = _imported(ckpt, m)
     if imported is not None:  # as the checkpoint stores them
-        first = imported[0][0]
+        first = next(iter(imported.values()))
         bits, group, symmetric = first.bits, first.group_size, first.zero_points is None
 
         def blocks(part: str, rows: int):
-            yield from imported[[p for p, _ in m.parts].index(part)]
+            yield imported[part]
             progress.advance(rows * m.k)
     else:
         spec = store.spec
@@ -188,8 +188,8 @@ def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dic
     return Stored(kind, bits, group, symmetric)
 
 
-def _imported(ckpt, m: Matrix) -> list | None:
-    """[[QuantizedWeight]] per part of `m` when the checkpoint stores them quantized (GPTQ / AWQ), else None.
+def _imported(ckpt, m: Matrix) -> dict | None:
+    """{part: QuantizedWeight} of `m` when the checkpoint stores its parts quantized (GPTQ / AWQ), else None.
     Parts stacked into one MatMulNBits must agree on bits and block size; zero points are written out for
     all when any part has them."""
     if not hasattr(ckpt, "imported"):
@@ -202,7 +202,7 @@ def _imported(ckpt, m: Matrix) -> list | None:
                                "quantization; expected the same bits and group size for all")
     if any(q.zero_points is not None for q in qws):
         qws = [with_zero_points(q) for q in qws]
-    return [[q] for q in qws]
+    return {part: q for (part, _), q in zip(m.parts, qws)}
 
 
 def _write_nbits(file: WeightFile, m: Matrix, bits: int, group: int, symmetric: bool, blocks, progress) -> None:

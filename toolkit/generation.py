@@ -77,6 +77,17 @@ class Row:
             self._finish("stop")
         return token, piece
 
+    def take_accepted(self, tokens: list[int]):
+        """Record accepted draft tokens in order, yielding the text that becomes final; stops at the one that
+        ends the row. Returns (as the generator's value) how many were taken."""
+        for n, token in enumerate(tokens, 1):
+            _, piece = self.take(token)
+            if piece:
+                yield piece
+            if not self.alive:
+                return n
+        return len(tokens)
+
     def flush(self) -> str:
         return self.stream.flush() if self.alive else ""
 

@@ -361,13 +361,9 @@ class Model:
                 stats.drafted_tokens += len(draft)
                 stats.accepted_tokens += accepted
                 logits = verified[accepted]
-                for d in draft[:accepted]:
-                    _, piece = row.take(d)
-                    generated += 1
-                    if piece:
-                        yield piece
-                    if not row.alive:
-                        return
+                generated += yield from row.take_accepted(draft[:accepted])
+                if not row.alive:
+                    return
         finally:
             stats.generated_tokens = generated
             stats.decode_seconds = time.perf_counter() - started

@@ -147,13 +147,9 @@ def speculative_loop(target, draft, row: Row, logits: np.ndarray, cache: KVCache
             stats.drafted_tokens += len(drafts)
             stats.accepted_tokens += accepted
             schedule.update(len(drafts), accepted)
-            for d in drafts[:accepted]:
-                _, piece = row.take(d)
-                generated += 1
-                if piece:
-                    yield piece
-                if not row.alive:
-                    return
+            generated += yield from row.take_accepted(drafts[:accepted])
+            if not row.alive:
+                return
     finally:
         stats.generated_tokens = generated
         stats.decode_seconds = time.perf_counter() - started
