@@ -2,7 +2,8 @@
 
 Four passes, each over the result of the one before:
     read       the config and the tensor index (headers only); side files (tokenizer, chat template)
-    calibrate  (--method calibrated) the float model over a text, one layer at a time: input statistics
+    calibrate  (--method calibrated, --kv-cache int8) the float model over a text, one layer at a time:
+               input statistics of every matrix, and the KV cache's channel ranges
     store      each tensor read, quantized and written to model.weights, then released (export/store.py)
     graphs     prefill.onnx and decode.onnx over the stored tensors, by name; then the manifest
 
