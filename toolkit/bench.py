@@ -50,15 +50,17 @@ def greedy_timed(model, ids: list[int], steps: int) -> tuple[float, float, list[
 
 
 def bench(folder, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3, threads: int | None = None,
-          provider: str = "cpu") -> dict:
-    """Measure one model folder; returns the JSON-ready report."""
+          provider: str = "cpu", prepack_cache=False) -> dict:
+    """Measure one model folder; returns the JSON-ready report. prepack_cache: as toolkit.load's (the load
+    time is then the first load's, making the cache, or a later load's, mapping it)."""
     from toolkit.model import load
 
     for name, value, low in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 2), ("runs", runs, 1)):
         if not isinstance(value, int) or value < low:
             raise ArgumentError(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
     t = time.perf_counter()
-    model = load(folder, provider=provider, threads=threads, max_length=prompt_tokens + new_tokens + 1)
+    model = load(folder, provider=provider, threads=threads, max_length=prompt_tokens + new_tokens + 1,
+                 prepack_cache=prepack_cache)
     load_s = time.perf_counter() - t
     ids = prompt_ids(model.tokenizer, prompt_tokens)
     ttft, decode = [], []
@@ -72,6 +74,7 @@ def bench(folder, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 3
     return {
         "model": str(model.manifest.folder), "bits": q["bits"], "group_size": q.get("group_size"),
         "accuracy_level": q.get("accuracy_level"), "threads": threads, "provider": provider,
+        "prepack_cache": bool(prepack_cache),
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs,
         "load_s": load_s, "ttft_s": stats(ttft), "prefill_tok_s": stats([prompt_tokens / s for s in ttft]),
         "decode_tok_s": stats(decode), "peak_rss_bytes": peak_rss_bytes(),
@@ -87,7 +90,7 @@ def format_report(r: dict) -> str:
         f"model        {r['model']}  (bits {r['bits']}, group {r['group_size']}, accuracy_level {r['accuracy_level']})",
         f"setup        {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, {r['runs']} runs, "
         f"threads {r['threads'] or 'default'}, {r['provider']}",
-        f"load         {r['load_s']:.2f} s",
+        f"load         {r['load_s']:.2f} s" + (" (through the prepack cache)" if r.get("prepack_cache") else ""),
         f"first token  {s3({k: v * 1000 for k, v in r['ttft_s'].items()}, '{:.0f}')} ms",
         f"prefill      {s3(r['prefill_tok_s'], '{:.1f}')} tok/s",
         f"decode       {s3(r['decode_tok_s'], '{:.1f}')} tok/s",

@@ -28,7 +28,7 @@ from toolkit.generation import Completion, Row, Stats, prompt_lookup
 from toolkit.kv_cache import KVCache
 from toolkit.manifest import Manifest, read_manifest
 from toolkit.sampling import SamplingParams, make_sampler
-from toolkit import speculative
+from toolkit import prepack_cache, speculative
 from toolkit.tokenizer import Tokenizer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
@@ -44,7 +44,7 @@ class Model:
 
     def __init__(self, folder, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
                  verify: bool = False, preload: bool = True, decode_graph: bool = False, draft=None,
-                 draft_tokens: int = speculative.K_DEFAULT, spin: bool | None = None):
+                 draft_tokens: int = speculative.K_DEFAULT, spin: bool | None = None, prepack_cache=False):
         """See `load`. spin: let onnxruntime's worker threads spin-wait between calls (faster for one model
         alone); default: on, unless a draft is given (see `_stop_spinning`)."""
         self.draft_tokens = speculative.check_draft_tokens(draft_tokens)
@@ -65,6 +65,7 @@ class Model:
         self._threads, self._spin = threads, draft is None if spin is None else spin
         self._options = self._session_options()
         self._providers = [resolve_provider(provider)]
+        self._prepack_root = prepack_cache_root(prepack_cache, provider)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._load_lock = threading.Lock()
         # Single-token steps run through the prefill graph unless decode_graph: a second session would hold
@@ -76,7 +77,7 @@ class Model:
                 self.session("decode")
         # a draft folder is loaded with the same provider, threads, context budget and options
         self._load_options = dict(provider=provider, threads=threads, max_length=self.max_length, verify=verify,
-                                  preload=preload, decode_graph=decode_graph)
+                                  preload=preload, decode_graph=decode_graph, prepack_cache=prepack_cache)
         self._checked_drafts = weakref.WeakSet()  # per-call drafts already compared with this model
         self.draft: Model | None = None
         self.set_draft(draft)
@@ -142,6 +143,12 @@ class Model:
                                    "version of qwen-edge)")
         path = self.manifest.path(graph["file"])
         try:
+            if self._prepack_root is not None:
+                return prepack_cache.open_session(
+                    path, self.manifest.path(self.manifest["weights_file"]), self.manifest["files"],
+                    self._session_options, self._providers, self._prepack_root,
+                    settings={"provider": self._providers[0], "ops": self.manifest.get("ops"),
+                              "accuracy_level": self.manifest["quantization"].get("accuracy_level")})
             return ort.InferenceSession(str(path), self._options, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own exception types for a broken graph
             raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
@@ -423,6 +430,19 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
+def prepack_cache_root(setting, provider: str) -> Path | None:
+    """Where `load`'s prepack_cache argument puts the cache (toolkit/prepack_cache.py), or None for none."""
+    if setting is False or setting is None:
+        return None
+    if provider != "cpu":
+        raise ArgumentError(f"prepack_cache: the saved prepacked weights are a CPU feature; provider is {provider!r}")
+    if setting is True:
+        return prepack_cache.default_root()
+    if isinstance(setting, (str, Path)) and str(setting):
+        return Path(setting)
+    raise ArgumentError(f"prepack_cache {setting!r}: expected True (the default folder), a folder, or False")
+
+
 def session_options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if not spin:
@@ -438,7 +458,7 @@ def session_options(threads: int | None, spin: bool = True) -> ort.SessionOption
 
 def load(path, provider: str = "cpu", threads: int | None = None, max_length: int | None = None,
          verify: bool = False, preload: bool = True, decode_graph: bool = False, draft=None,
-         draft_tokens: int = speculative.K_DEFAULT) -> Model:
+         draft_tokens: int = speculative.K_DEFAULT, prepack_cache=False) -> Model:
     """Load an exported model folder.
 
     provider: "cpu", "cuda" or "dml"; threads: CPU threads (default: onnxruntime's choice); max_length:
@@ -449,6 +469,10 @@ def load(path, provider: str = "cpu", threads: int | None = None, max_length: in
     because onnxruntime prepacks the weights once per session); draft: a smaller model folder (or a loaded
     Model) with the same tokenizer, loaded with the same options, that proposes tokens for this one to
     verify (speculative decoding, toolkit/speculative.py; per call `draft=False` turns it off); draft_tokens:
-    the most tokens it proposes per step (1-16, default 8; k starts at min(4, draft_tokens) and adapts)."""
+    the most tokens it proposes per step (1-16, default 8; k starts at min(4, draft_tokens) and adapts);
+    prepack_cache: on the CPU, save onnxruntime's prepacked weights on the first load and map them on later
+    loads (True: under ~/.cache/qwen-edge or $QWEN_EDGE_CACHE; or a folder): a 7B loads in seconds instead of
+    tens of seconds, at the cost of about twice the weights' bytes on disk (toolkit/prepack_cache.py)."""
     return Model(Path(path), provider=provider, threads=threads, max_length=max_length, verify=verify,
-                 preload=preload, decode_graph=decode_graph, draft=draft, draft_tokens=draft_tokens)
+                 preload=preload, decode_graph=decode_graph, draft=draft, draft_tokens=draft_tokens,
+                 prepack_cache=prepack_cache)

@@ -18,6 +18,8 @@ Variants (toolkit.load with its session options patched; the rest of the runtime
   ort_format               the same saved as an ORT-format model (session.save_model_format=ORT) and loaded with
                            session.load_model_format=ORT, use_ort_model_bytes_directly and
                            use_ort_model_bytes_for_initializers (flatbuffers cap a file at 2 GB)
+  prepack_cache            toolkit.load(prepack_cache=DIR) as users run it (toolkit/prepack_cache.py): the
+                           preparation is a first load that makes the cache entry, the probe a later load
   mmap_touch               no ORT: mmap the weights file and touch every page (the floor for mapping it)
 
 Each row: load s (the session part apart), anon / file RSS right after load, the peaks while loading,
@@ -53,15 +55,24 @@ CONFIG = {  # variant -> session config entries
     "saved_prepacked": {},
     "ort_format": {"session.load_model_format": "ORT", "session.use_ort_model_bytes_directly": "1",
                    "session.use_ort_model_bytes_for_initializers": "1"},
+    "prepack_cache": {},
     "mmap_touch": {},
 }
-PREPARED = {"saved_prepacked": "prefill.prepacked.onnx", "ort_format": "prefill.ort"}
+PREPARED = {"saved_prepacked": "prefill.prepacked.onnx", "ort_format": "prefill.ort", "prepack_cache": "prepack_cache"}
 
 
 def prepare_child(folder: str, kind: str, out_dir: str, threads: int = 2) -> dict:
     """Save prefill.onnx optimized by ORT (the kinds above) into out_dir; returns the files written."""
     import onnxruntime as ort
 
+    if kind == "prepack_cache":  # the first load of a user's, making the entry
+        import toolkit
+
+        root = Path(out_dir) / PREPARED[kind]
+        t = time.perf_counter()
+        toolkit.load(folder, threads=threads, prepack_cache=root)
+        return {"seconds": time.perf_counter() - t,
+                "files": {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}}
     man = json.loads((Path(folder) / "qwen-edge.json").read_text())
     level = man["quantization"].get("accuracy_level")
     o = ort.SessionOptions()
@@ -117,8 +128,8 @@ def probe_child(folder: str, variant: str, threads: int = 2, prompt_tokens: int 
         ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
     base_options = tm.session_options
 
-    def patched(threads_):
-        o = base_options(threads_)
+    def patched(threads_, spin=True):
+        o = base_options(threads_, spin=spin)
         for k, v in CONFIG[variant].items():
             o.add_session_config_entry(k, v)
         if variant == "no_arena":
@@ -130,14 +141,17 @@ def probe_child(folder: str, variant: str, threads: int = 2, prompt_tokens: int 
         return o
 
     tm.session_options = patched
-    if prepared:
+    load_options = {}
+    if variant == "prepack_cache":
+        load_options["prepack_cache"] = prepared
+    elif prepared:
         def _open(self, name, _path=prepared):
             return ort.InferenceSession(_path, self._options, providers=self._providers)
         tm.Model._open = _open
 
     memory.phase("load")
     t = time.perf_counter()
-    model = toolkit.load(folder, threads=threads, max_length=prompt_tokens + steps + 8, preload=False)
+    model = toolkit.load(folder, threads=threads, max_length=prompt_tokens + steps + 8, preload=False, **load_options)
     t_session = time.perf_counter()
     model.session("prefill")
     loaded = time.perf_counter()
@@ -200,7 +214,7 @@ def main(argv=None) -> int:
             with bench_lock(not args.no_lock, f"probe {v}"):
                 read_through(folder)
                 if prepared:
-                    read_through(Path(prepared).parent)
+                    read_through(Path(prepared) if Path(prepared).is_dir() else Path(prepared).parent)
                 rep = memory.measure_call(f"{__file__}:probe_child",
                                           {"folder": str(folder), "variant": v, "threads": args.threads,
                                            "prepared": prepared, "load_only": args.load_only},
