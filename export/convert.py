@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 
 from export import qwen2
+from export.backend import backend
 from export.checkpoint import open_checkpoint
 from export.manifest import build_manifest, write_manifest
 from export.onnx_builder import Graph
@@ -41,17 +42,24 @@ PREQUANTIZED_SUPPORTED = True  # GPTQ / AWQ checkpoints are imported as they are
 
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
            calibration: Path | None = None, calibration_sequences: int = 16, ops: str = "fast",
-           kv_cache: str = "float32") -> Path:
+           kv_cache: str = "float32", device: str = "cpu") -> Path:
     """Export checkpoint `src` (a Hugging Face folder or a GGUF file) to model folder `out`; return `out`.
 
     With spec.method == "calibrated", the float model first runs over `calibration` (a UTF-8 text file;
     default: the text shipped in export/data) to weigh each matrix's rounding error by its activations.
     ops "fast" uses onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, …); "portable" standard
     ONNX only (export/portable.py). kv_cache "int8" keeps the KV cache in int8 with per-channel scales
-    calibrated on the same text (GroupQueryAttention's quantized cache; fast ops only)."""
+    calibrated on the same text (GroupQueryAttention's quantized cache; fast ops only). device "cuda" or
+    "dml" builds float16 graphs for that GPU's onnxruntime kernels (export/backend.py)."""
     src, out = Path(src), Path(out)
     if ops not in OPS:
         raise ArgumentError(f"--ops {ops}: expected one of {', '.join(OPS)}")
+    try:
+        target = backend(ops, device)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    if kv_cache == "int8" and device != "cpu":
+        raise ArgumentError(f"--kv-cache int8: a CPU feature here; expected --device cpu (got {device})")
     if kv_cache not in KV_CACHES:
         raise ArgumentError(f"--kv-cache {kv_cache}: expected one of {', '.join(KV_CACHES)}")
     if kv_cache == "int8" and ops == "portable":
@@ -85,13 +93,13 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
             stats = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
         importance = stats if spec.method == "calibrated" else None
         t = time.time()
-        store = write_store(tmp / WEIGHTS_FILE, ckpt, cfg, spec, ops, qwen2.matrices(cfg), qwen2.vectors(cfg),
-                            qwen2.constants(cfg, ops, stats if kv_cache == "int8" else None), importance,
+        store = write_store(tmp / WEIGHTS_FILE, ckpt, cfg, spec, target, qwen2.matrices(cfg), qwen2.vectors(cfg),
+                            qwen2.constants(cfg, target, stats if kv_cache == "int8" else None), importance,
                             report=progress_line, kv_cache=kv_cache)
         log(f"{WEIGHTS_FILE}: {sum(store.file.nbytes.values()) / 1e6:.1f} MB in {time.time() - t:.1f} s")
         graphs = write_graphs(tmp, cfg, store, log)
         manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, store.summary() | {"imported": imported},
-                                  time.time() - started, ops, kv_cache)
+                                  time.time() - started, target, kv_cache)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:

@@ -4,7 +4,8 @@ the store pass already wrote (export/store.py): they only name stored tensors, t
 The weight's stored layout decides the op (as mlx-lm swaps in QuantizedLinear per module): a float export
 emits MatMul / Gather / Gemm, a quantized one com.microsoft MatMulNBits / GatherBlockQuantized. With
 tied embeddings the embedding and the lm_head read one quantized blob, stored once. With ops "portable"
-the quantized ones are standard DequantizeLinear + MatMul / Gather instead (export/portable.py).
+the quantized ones are standard DequantizeLinear + MatMul / Gather instead (export/portable.py). The norms
+are the backend's (export/backend.py).
 """
 import numpy as np
 
@@ -53,7 +54,7 @@ def embedding(g: Graph, w: Store, name: str, vocab: int, hidden: int, ids: str) 
                 block_size=s.group_size, gather_axis=0, quantize_axis=1)
 
 
-def lm_head(g: Graph, w: Store, name: str, cfg, x: str, out: str) -> str:
+def lm_head(g: Graph, w: Store, name: str, cfg, x: str, out: str | None = None) -> str:
     """Logits [..., vocab] from hidden states [..., hidden] with the stored matrix `name` (the embedding's
     when tied)."""
     V, H = cfg.vocab_size, cfg.hidden_size
@@ -71,19 +72,11 @@ def lm_head(g: Graph, w: Store, name: str, cfg, x: str, out: str) -> str:
 
 
 def rms_norm(g: Graph, w: Store, name: str, cfg, x: str) -> str:
-    """x / sqrt(mean(x²) + eps) * weight, computed in float32 (ORT's SimplifiedLayerNormalization)."""
-    weight = g.weight(f"{name}.weight")
-    if w.ops == "portable":
-        return portable.rms_norm(g, weight, cfg.rms_norm_eps, x)
-    return g.op("SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+    """x / sqrt(mean(x²) + eps) * weight, computed in float32 (the backend's op)."""
+    return w.backend.norm(g, g.weight(f"{name}.weight"), cfg.rms_norm_eps, x)
 
 
 def add_rms_norm(g: Graph, w: Store, name: str, cfg, x: str, residual: str) -> tuple[str, str]:
-    """The residual step and the next norm in one op: (rms_norm(residual + x), residual + x), with
-    com.microsoft SkipSimplifiedLayerNormalization."""
-    if w.ops == "portable":
-        total = g.op("Add", residual, x)
-        return rms_norm(g, w, name, cfg, total), total
-    normed, _, _, total = g.op_multi("SkipSimplifiedLayerNormalization", x, residual, g.weight(f"{name}.weight"),
-                                     n_out=4, domain=MS, epsilon=cfg.rms_norm_eps)
-    return normed, total
+    """The residual step and the next norm: (rms_norm(residual + x), residual + x), in one op where the
+    backend has one (com.microsoft SkipSimplifiedLayerNormalization)."""
+    return w.backend.add_norm(g, g.weight(f"{name}.weight"), cfg.rms_norm_eps, x, residual)

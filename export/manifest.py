@@ -13,11 +13,12 @@ from toolkit.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256
 # files declare, generation stops at both when the vocabulary has them.
 QWEN_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
-_DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT8: "int8"}
+_DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT8: "int8",
+                onnx.TensorProto.FLOAT16: "float16"}
 
 
 def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpec, graphs: dict, stored: dict,
-                   export_seconds: float, ops: str = "fast", kv_cache: str = "float32") -> dict:
+                   export_seconds: float, backend, kv_cache: str = "float32") -> dict:
     """The manifest of model folder `folder`, whose graphs, weights and side files are already written;
     `config` is the checkpoint's config.json (or the GGUF metadata under the same names)."""
     tok_cfg = optional_json(folder / "tokenizer_config.json")
@@ -41,20 +42,23 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "group_sizes": stored["groups"],  # name -> weights per scale, of the same tensors
             "quantized_bytes_by_bits": bytes_by_bits(stored),
             "float_tensors": stored["float"],
-            "embedding": "GatherBlockQuantized" if spec.quantized else "Gather",
+            "embedding": {"nbits": "GatherBlockQuantized", "rows": "Gather + DequantizeLinear", "table": "Gather"}[
+                backend.layout(spec.quantized, "embedding")],
             "tied_embeddings": cfg.tie_word_embeddings,
             "weights_bytes": sum(stored["bytes"].values()),
             # a GPTQ / AWQ checkpoint's quantization, whose codes and scales were imported unchanged; else None
             "imported": stored.get("imported"),
         },
-        "ops": ops,  # "fast": onnxruntime contrib ops; "portable": standard ONNX only
+        "ops": backend.ops,  # "fast": onnxruntime contrib ops; "portable": standard ONNX only
+        "device": backend.device,  # the execution provider the graphs are built for: cpu, cuda or dml
+        "activation_dtype": backend.activation,  # float32, or float16 on a GPU (logits are float32 always)
         "weights_file": stored["file"],
         "graphs": {name: describe_graph(f"{name}.onnx", model) for name, model in graphs.items()},
         "kv_cache": {
             "num_layers": cfg.num_hidden_layers,
             "num_key_value_heads": cfg.num_key_value_heads,
             "head_dim": cfg.head_dim,
-            "dtype": kv_cache,  # int8: round(x / scale) with per-channel scales inside the graphs
+            "dtype": "int8" if kv_cache == "int8" else backend.activation,  # int8: round(x / scale), scales in the graphs
             "scales": "per_channel" if kv_cache == "int8" else None,
             "past_key": "past_key_values.{layer}.key",
             "past_value": "past_key_values.{layer}.value",
@@ -62,7 +66,7 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "present_value": "present.{layer}.value",
             # in place: one buffer per tensor is bound as past and present, the graph writes the new positions
             # into it (GroupQueryAttention); otherwise present = [past; new], a new tensor each call
-            "in_place": ops == "fast",
+            "in_place": backend.in_place_cache,
         },
         "tokenizer": {"file": "tokenizer.json", "special_tokens": specials},
         "chat_template": chat_template(folder, tok_cfg),

@@ -20,6 +20,7 @@ OPSET = 21  # ONNX default domain
 MS_OPSET = 1  # com.microsoft contrib ops
 IR_VERSION = 10  # onnxruntime 1.2x-1.3x refuse the IR 14 that onnx 1.23 writes by default
 INT64, INT32, FLOAT, BOOL = TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT, TensorProto.BOOL
+FLOAT16 = TensorProto.FLOAT16
 INT4, UINT4, INT8, UINT8 = TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8
 
 _BIG = 1 << 20  # tensors from 1 MiB up start on a 64 KiB boundary so ORT can memory-map them

@@ -17,9 +17,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from export import portable, rope
-from export.layers import MS, add_rms_norm, embedding, linear, lm_head, rms_norm
-from export.onnx_builder import FLOAT, INT8, INT32, INT64, Graph
+from export import rope
+from export.layers import add_rms_norm, embedding, linear, lm_head, rms_norm
+from export.onnx_builder import FLOAT, INT8, INT64, Graph
 from export.store import Matrix, Store
 from toolkit.errors import ModelFolderError
 
@@ -114,14 +114,11 @@ def vectors(cfg: Qwen2Config) -> dict[str, tuple]:
     return {name: (cfg.hidden_size,) for name in names}
 
 
-def constants(cfg: Qwen2Config, ops: str, kv_ranges: dict | None = None) -> dict[str, np.ndarray]:
-    """Tables computed rather than read: the RoPE cos/sin caches of GroupQueryAttention (the portable graphs
-    compute theirs from the positions), and with an int8 KV cache each layer's per-channel scales
-    [1, kv_heads, 1, head_dim]: the calibrated range of each cached channel / 127 (export/calibrate.py)."""
-    if ops == "portable":
-        return {}
-    cos, sin = rope_tables(cfg)
-    out = {"rope.cos": cos, "rope.sin": sin}
+def constants(cfg: Qwen2Config, backend, kv_ranges: dict | None = None) -> dict[str, np.ndarray]:
+    """Tables computed rather than read: the backend's (GroupQueryAttention's RoPE cos/sin caches; the
+    portable graphs compute theirs from the positions), and with an int8 KV cache each layer's per-channel
+    scales [1, kv_heads, 1, head_dim]: the calibrated range of each cached channel / 127 (export/calibrate.py)."""
+    out = backend.constants(cfg)
     for i in range(cfg.num_hidden_layers) if kv_ranges else ():
         for kv in ("k", "v"):
             r = kv_ranges[f"model.layers.{i}.self_attn.{kv}_range"]
@@ -149,10 +146,7 @@ def build(g: Graph, cfg: Qwen2Config, w: Store, seq: int | str) -> None:
     input_ids = g.input("input_ids", INT64, ["batch", seq])
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
     num_logits = None if seq == 1 else g.input("num_logits", INT64, [1])
-    if w.ops == "portable":  # RoPE tables and the attention mask, once per graph
-        context = portable.attention_inputs(g, cfg, input_ids, attention_mask)
-    else:  # each row's length for GroupQueryAttention, and its RoPE tables
-        context = (*attention_lengths(g, attention_mask), g.weight("rope.cos"), g.weight("rope.sin"))
+    context = w.backend.attention_context(g, cfg, input_ids, attention_mask)  # once per graph
     h = embedding(g, w, "model.embed_tokens", cfg.vocab_size, cfg.hidden_size, input_ids)
     delta = None  # the last block's output, added to the residual stream by the next norm
     for i in range(cfg.num_hidden_layers):
@@ -165,19 +159,13 @@ def build(g: Graph, cfg: Qwen2Config, w: Store, seq: int | str) -> None:
         else:  # the last N positions: [B, S, H] -> [B, N, H]
             x = g.op("Slice", x, g.op("Neg", num_logits), g.const([np.iinfo(np.int64).max], np.int64),
                      g.const([1], np.int64))
-        lm_head(g, w, "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head", cfg, x, out="logits")
+        head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        if w.backend.elem == FLOAT:
+            lm_head(g, w, head, cfg, x, out="logits")
+        else:  # logits leave the graph as float32 (for the host's sampling), cast at the edge
+            g.op("Cast", lm_head(g, w, head, cfg, x), to=FLOAT, out="logits")
     g.output("logits", FLOAT, ["batch", cfg.vocab_size] if num_logits is None
              else ["batch", "num_logits", cfg.vocab_size])
-
-
-def attention_lengths(g: Graph, attention_mask: str) -> tuple[str, str]:
-    """GroupQueryAttention's view of the mask, made once per graph: seqlens_k int32 [B] (each row's
-    length minus one, new tokens included) and total_sequence_length int32 [] (the mask's width)."""
-    with g.scope("lengths"):
-        count = g.op("ReduceSum", attention_mask, g.const([1], np.int64), keepdims=0)
-        seqlens = g.op("Cast", g.op("Sub", count, g.const(1, np.int64)), to=INT32)
-        total = g.op("Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2)), to=INT32)
-    return seqlens, total
 
 
 def rope_tables(cfg: Qwen2Config) -> tuple[np.ndarray, np.ndarray]:
@@ -229,21 +217,11 @@ def attention(g: Graph, cfg: Qwen2Config, w: Store, i: int, x: str, context: tup
     nh, kvh, D, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     past_k, past_v, present_k, present_v = kv_names(i)
     qkv = linear(g, w, f"{p}.qkv_proj", x, (nh + 2 * kvh) * D, H, bias=True)
-    cache = INT8 if w.kv_cache == "int8" else FLOAT
+    cache = INT8 if w.kv_cache == "int8" else w.backend.elem
     for name in (past_k, past_v):
         g.input(name, cache, ["batch", kvh, "past_sequence", D])
-    if w.ops == "portable":
-        y = portable.attention(g, cfg, qkv, kv_names(i), context)
-    elif w.kv_cache == "int8":  # keys and values stored as round(x / scale), scales per channel, in place
-        y, _, _ = g.op_multi("GroupQueryAttention", qkv, None, None, past_k, past_v, *context, None, None, None,
-                             g.weight(f"{p}.k_scale"), g.weight(f"{p}.v_scale"), n_out=3,
-                             outs=[None, present_k, present_v], domain=MS, num_heads=nh, kv_num_heads=kvh,
-                             do_rotary=1, rotary_interleaved=0, k_quant_type="PER_CHANNEL",
-                             v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
-    else:
-        y, _, _ = g.op_multi("GroupQueryAttention", qkv, None, None, past_k, past_v, *context, n_out=3,
-                             outs=[None, present_k, present_v], domain=MS, num_heads=nh, kv_num_heads=kvh,
-                             do_rotary=1, rotary_interleaved=0)
+    scales = (g.weight(f"{p}.k_scale"), g.weight(f"{p}.v_scale")) if w.kv_cache == "int8" else None
+    y = w.backend.attention(g, cfg, qkv, kv_names(i), context, scales)
     for name in (present_k, present_v):
         g.output(name, cache, ["batch", kvh, "total_sequence", D])
     return linear(g, w, f"{p}.o_proj", y, H, nh * D)

@@ -12,14 +12,16 @@ Peak memory is one row block in float32 plus the quantizer's temporaries, and th
 not the model, and not its largest matrix (a 7B's lm_head is 2.2 GB in float32). Rows are quantized
 independently, so a block boundary changes nothing numerically.
 
-How a matrix is laid out depends on its precision, the ops and its use:
+How a matrix is laid out depends on its precision, its use and the backend (export/backend.py decides):
     layout   when                                   tensors (M = the matrix's graph name)
     nbits    bits 4/8, ops fast (any use)           M.weight.qdata [N, K/g, g·bits/8], .scales, .zero_points
     dq       bits 4/8, ops portable, matmul         M.weight.dq [K, N] int4/int8 (+ .scales, .zero_points)
     rows     bits 4/8, ops portable, embedding      M.weight.rows [V, H(/2)] (+ .scales, .zero_points)
-    T        float32, matmul                        M.weight.T [K, N] (MatMul reads it without a Transpose)
-    table    float32, embedding or lm_head          M.weight [N, K] (Gather; Gemm with transB)
-A tied embedding and lm_head share one blob when their layouts agree (nbits, table).
+    T        float, matmul                          M.weight.T [K, N] (MatMul reads it without a Transpose)
+    table    float, embedding or lm_head            M.weight [N, K] (Gather; Gemm with transB); also the
+             (and the DirectML embedding)           quantized export's embedding on DirectML
+A tied embedding and lm_head share one blob when their layouts agree (nbits, table). Float tensors (scales,
+biases, norm weights, float matrices) are stored in the activations' type: float32, or float16 for a GPU.
 """
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from export import portable
-from export.onnx_builder import FLOAT, UINT8, WeightFile
+from export.backend import Fast
+from export.onnx_builder import UINT8, WeightFile
 from export.prequantized import with_zero_points
 from export.quantize import QuantizedWeight, QuantSpec, quantize_weight
 from toolkit.errors import ModelFolderError
@@ -67,7 +70,7 @@ class Store:
 
     file: WeightFile
     spec: QuantSpec
-    ops: str
+    backend: Fast  # export/backend.py: decides layouts and the float type of what is stored
     kv_cache: str = "float32"  # "int8": the graphs' GroupQueryAttention keeps an int8 cache (scales stored)
     matrices: dict = field(default_factory=dict)  # (graph name, use) -> Stored
     quantized: dict = field(default_factory=dict)  # checkpoint tensor -> bits (manifest)
@@ -82,10 +85,9 @@ class Store:
                 "float": self.float, "bytes": dict(self.file.nbytes)}
 
 
-def layout(spec: QuantSpec, ops: str, use: str) -> str:
-    if spec.quantized:
-        return "nbits" if ops == "fast" else "rows" if use == "embedding" else "dq"
-    return "T" if use == "matmul" else "table"
+    def add_float(self, name: str, array: np.ndarray) -> None:
+        """A float tensor (scales, bias, norm weight, table) in the activations' type."""
+        self.file.add(name, np.asarray(array).astype(self.backend.dtype, copy=False))
 
 
 class Progress:
@@ -109,31 +111,31 @@ class Progress:
                         f"~{left:.0f} s left", self.matrices == self.count)
 
 
-def write_store(path: Path, ckpt, cfg, spec: QuantSpec, ops: str, plan: list[Matrix], vectors: dict,
+def write_store(path: Path, ckpt, cfg, spec: QuantSpec, backend: Fast, plan: list[Matrix], vectors: dict,
                 extra: dict, importance: dict | None = None, report=None, kv_cache: str = "float32") -> Store:
     """Write every tensor of `plan` (matrices), `vectors` ({checkpoint name: shape}, float32) and `extra`
     ({name: array}, e.g. RoPE tables) to the weights file at `path`; returns the closed Store.
 
     A checkpoint that is already quantized (export/prequantized.py: its `imported`) supplies the codes and
     scales of its quantized Linears as they are; the rest follows the spec."""
-    store = Store(WeightFile(path), spec, ops, kv_cache)
-    todo = {(m.name, layout(spec, ops, m.use)): m for m in reversed(plan)}.values()  # each blob once
+    store = Store(WeightFile(path), spec, backend, kv_cache)
+    todo = {(m.name, backend.layout(spec.quantized, m.use)): m for m in reversed(plan)}.values()  # each blob once
     progress = Progress(sum(m.n * m.k for m in todo), sum(len(m.parts) for m in todo),
                         report or (lambda line, final: None))
     written: dict[tuple, Stored] = {}
     try:
         for m in plan:
-            key = (m.name, layout(spec, ops, m.use))
+            key = (m.name, backend.layout(spec.quantized, m.use))
             if key not in written:
                 written[key] = _write_matrix(store, ckpt, cfg, m, key[1], importance or {}, progress)
             store.matrices[(m.name, m.use)] = written[key]
             if m.bias and f"{m.name}.bias" not in store.file:
-                store.file.add(f"{m.name}.bias", np.concatenate(
+                store.add_float(f"{m.name}.bias", np.concatenate(
                     [_float(store, ckpt, f"{part}.bias", (rows,)) for part, rows in m.parts]))
         for name, shape in vectors.items():
-            store.file.add(name, _float(store, ckpt, name, shape))
+            store.add_float(name, _float(store, ckpt, name, shape))
         for name, array in extra.items():
-            store.file.add(name, array)
+            store.file.add(name, array)  # as computed (RoPE tables in the activations' type, KV scales)
     finally:
         store.file.close()
     return store
@@ -177,7 +179,7 @@ def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dic
         store.quantized[f"{part}.weight"] = bits
         store.groups[f"{part}.weight"] = group
     if kind == "nbits":
-        _write_nbits(store.file, m, bits, group, symmetric, blocks, progress)
+        _write_nbits(store, m, bits, group, symmetric, blocks, progress)
     else:  # portable: the whole matrix's codes are rearranged (transposed, or unpacked), so kept at once
         qws = [QuantizedWeight.concatenate(list(blocks(part, rows))) for part, rows in m.parts]
         progress.advance(matrices=len(m.parts))
@@ -205,7 +207,7 @@ def _imported(ckpt, m: Matrix) -> dict | None:
     return {part: q for (part, _), q in zip(m.parts, qws)}
 
 
-def _write_nbits(file: WeightFile, m: Matrix, bits: int, group: int, symmetric: bool, blocks, progress) -> None:
+def _write_nbits(store: Store, m: Matrix, bits: int, group: int, symmetric: bool, blocks, progress) -> None:
     """MatMulNBits' blob: the codes of every part's row blocks streamed in order, then scales and zeros."""
     scales, zeros = [], []
 
@@ -219,10 +221,10 @@ def _write_nbits(file: WeightFile, m: Matrix, bits: int, group: int, symmetric: 
                 yield qw.packed
             progress.advance(matrices=1)
 
-    file.add_chunks(f"{m.name}.weight.qdata", codes(), (m.n, m.k // group, group * bits // 8), UINT8)
-    file.add(f"{m.name}.weight.scales", np.concatenate(scales))
+    store.file.add_chunks(f"{m.name}.weight.qdata", codes(), (m.n, m.k // group, group * bits // 8), UINT8)
+    store.add_float(f"{m.name}.weight.scales", np.concatenate(scales))
     if not symmetric:
-        file.add(f"{m.name}.weight.zero_points", np.concatenate(zeros))
+        store.file.add(f"{m.name}.weight.zero_points", np.concatenate(zeros))
 
 
 def _write_float(store: Store, ckpt, m: Matrix, kind: str, progress: Progress) -> Stored:
@@ -237,9 +239,10 @@ def _write_float(store: Store, ckpt, m: Matrix, kind: str, progress: Progress) -
                 yield block
             progress.advance(matrices=1)
 
-        store.file.add_chunks(f"{m.name}.weight", blocks(), (rows, m.k), FLOAT)
+        store.file.add_chunks(f"{m.name}.weight", (b.astype(store.backend.dtype, copy=False) for b in blocks()),
+                              (rows, m.k), store.backend.elem)
     else:  # [K, N]: the transpose needs the whole (stacked) matrix
         w = np.concatenate([_float(store, ckpt, f"{part}.weight", (rows, m.k)) for part, rows in m.parts])
-        store.file.add(f"{m.name}.weight.T", w.T)
+        store.add_float(f"{m.name}.weight.T", w.T)
         progress.advance(w.size, len(m.parts))
     return Stored(kind)

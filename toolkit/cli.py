@@ -50,9 +50,12 @@ def cli():
 @click.option("--kv-cache", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="int8: the KV cache in int8 with per-channel scales calibrated on the calibration text "
                    "(a quarter of the cache's memory; faster decode at long contexts, slower prefill)")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "dml"]), default="cpu", show_default=True,
+              help="the execution provider the graphs are built for: cuda and dml get float16 activations and "
+                   "KV cache (they also run, slower, on the CPU provider)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, lm_head_bits, embed_bits,
-               lm_head_group_size, embed_group_size, calibration, ops, kv_cache, force):
+               lm_head_group_size, embed_group_size, calibration, ops, kv_cache, device, force):
     """Convert SRC (a Hugging Face Qwen2 folder or a GGUF file) into the model folder OUT."""
     try:
         from export import QuantSpec, export
@@ -67,7 +70,7 @@ def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, l
                                  embed_bits=embed_bits and int(embed_bits), lm_head_group_size=lm_head_group_size,
                                  embed_group_size=embed_group_size)
     export(Path(src), Path(out), spec, force=force, calibration=calibration and Path(calibration), ops=ops,
-           kv_cache=kv_cache)
+           kv_cache=kv_cache, device=device)
 
 
 def model_options(f):

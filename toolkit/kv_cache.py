@@ -10,7 +10,10 @@ call needs more (one copy), up to `limit` (the model's max_length): the full con
 up front. Graphs exported with `--ops portable` (standard attention) return present = [past; new] as new
 tensors instead (manifest kv_cache.in_place false): then the presents of one call are the next call's pasts.
 An export with `--kv-cache int8` keeps int8 buffers (kv_cache.dtype): the graphs quantize what they append
-with per-channel scales they hold, so growing, joining and truncating still just copy bytes.
+with per-channel scales they hold, so growing, joining and truncating still just copy bytes. A float16
+export (--device cuda|dml) keeps float16 buffers; on a GPU provider they live in the device's memory
+(`device`), bound the same way, so a step moves only the token ids in and the logits out; growing and
+joining (rare: the capacity doubles) go through the host.
 """
 import numpy as np
 import onnxruntime as ort
@@ -18,13 +21,13 @@ import onnxruntime as ort
 from toolkit.errors import ContextOverflowError
 
 START = 256  # positions allocated at first
-DTYPES = {"float32": np.float32, "int8": np.int8}  # the manifest's kv_cache.dtype (int8: scales in the graphs)
+DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}  # the manifest's kv_cache.dtype (int8: scales in the graphs)
 
 
 class KVCache:
     """Keys and values of a batch of sequences; `bind` feeds them to a call, which extends them in place."""
 
-    def __init__(self, spec: dict, batch: int, limit: int, capacity: int = START):
+    def __init__(self, spec: dict, batch: int, limit: int, capacity: int = START, device: str = "cpu"):
         self.spec = spec  # the manifest's kv_cache section
         self.layers = spec["num_layers"]
         self.names = [(spec["past_key"].format(layer=i), spec["past_value"].format(layer=i),
@@ -34,6 +37,7 @@ class KVCache:
         self.limit = limit
         self.in_place = spec.get("in_place", True)
         self.dtype = DTYPES[spec.get("dtype", "float32")]
+        self.device = device  # OrtValue device type of the buffers: "cpu", "cuda" or "dml"
         self.length = 0  # positions in use (for a batch: the longest row's, shorter rows padded)
         if self.in_place:
             self._allocate(min(capacity, limit))
@@ -46,17 +50,27 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.arrays[0].shape[2]
+        return self.values[0].shape()[2]
 
-    def _allocate(self, capacity: int) -> None:
-        """Fresh buffers of `capacity` positions holding the first `length` positions of the old ones."""
-        old = getattr(self, "arrays", None)
-        self.arrays = [self._zeros(capacity) for _ in range(2 * self.layers)]
-        if old is not None:
-            for new, previous in zip(self.arrays, old):
-                new[:, :, :self.length] = previous[:, :, :self.length]
-        # OrtValues over the numpy buffers (no copy): what the graph writes, the arrays see
-        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+    def host(self, i: int) -> np.ndarray:
+        """Buffer i (keys of layer i // 2, or values) as a host array: the buffer itself on the CPU, a copy
+        from a GPU."""
+        return self.arrays[i] if self.arrays is not None else self.values[i].numpy()
+
+    def _allocate(self, capacity: int, contents: list | None = None) -> None:
+        """Fresh buffers of `capacity` positions holding the first `length` positions of `contents` (host
+        arrays; default: the current buffers)."""
+        if contents is None and hasattr(self, "values"):
+            contents = [self.host(i) for i in range(2 * self.layers)]
+        arrays = [self._zeros(capacity) for _ in range(2 * self.layers)]
+        for new, previous in zip(arrays, contents or ()):
+            new[:, :, :self.length] = previous[:, :, :self.length]
+        if self.device == "cpu":  # OrtValues over the numpy buffers (no copy): what the graph writes, they see
+            self.arrays = arrays
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        else:  # one upload to the device's memory
+            self.arrays = None
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in arrays]
 
     def reserve(self, positions: int) -> None:
         """Make room for `positions` positions in all (doubling the capacity, at most to the limit)."""
@@ -98,15 +112,16 @@ class KVCache:
     def join(cls, caches: list["KVCache"], length: int) -> "KVCache":
         """One batch cache from single-row caches, each row's positions first, the rest zeros (right padding)."""
         first = caches[0]
-        joined = cls(first.spec, len(caches), first.limit, capacity=max(length, START))
-        arrays = joined.arrays if first.in_place else [joined._zeros(length) for _ in range(2 * first.layers)]
+        joined = cls(first.spec, len(caches), first.limit, capacity=0, device=first.device)
+        arrays = [joined._zeros(max(length, START) if first.in_place else length) for _ in range(2 * first.layers)]
         for i, array in enumerate(arrays):
             for r, c in enumerate(caches):
-                row = c.arrays[i] if c.in_place else c.values[i].numpy()
-                array[r, :, :c.length] = row[0, :, :c.length]
-        if not first.in_place:
-            joined.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+                array[r, :, :c.length] = c.host(i)[0, :, :c.length]
         joined.length = length
+        if first.in_place:
+            joined._allocate(arrays[0].shape[2], arrays)
+        else:
+            joined.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         return joined
 
 

@@ -28,11 +28,8 @@ from toolkit.generation import Completion, Row, Stats, prompt_lookup
 from toolkit.kv_cache import KVCache
 from toolkit.manifest import Manifest, read_manifest
 from toolkit.sampling import SamplingParams, make_sampler
-from toolkit import prepack_cache, speculative
+from toolkit import device, prepack_cache, speculative
 from toolkit.tokenizer import Tokenizer
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
-
 
 class Model:
     """A loaded model folder. Build it with `toolkit.load`.
@@ -64,8 +61,9 @@ class Model:
         self.defaults = self.manifest.get("generation", {})
         self._threads, self._spin = threads, draft is None if spin is None else spin
         self._options = self._session_options()
-        self._providers = [resolve_provider(provider)]
-        self._prepack_root = prepack_cache_root(prepack_cache, provider)
+        self.provider = device.choose(provider, self.manifest.get("device", "cpu"), self.manifest.folder)
+        self._providers = [device.PROVIDERS[self.provider]]
+        self._prepack_root = prepack_cache_root(prepack_cache, self.provider)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._load_lock = threading.Lock()
         # Single-token steps run through the prefill graph unless decode_graph: a second session would hold
@@ -155,7 +153,7 @@ class Model:
 
     def new_cache(self, batch: int = 1) -> KVCache:
         """An empty KV cache for `batch` sequences (it grows as needed up to max_length)."""
-        return KVCache(self.manifest["kv_cache"], batch, self.max_length)
+        return KVCache(self.manifest["kv_cache"], batch, self.max_length, device=device.CACHE_DEVICE[self.provider])
 
     def forward(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray, cache: KVCache,
                 num_logits: int = 1) -> np.ndarray:
@@ -420,16 +418,6 @@ def is_token_ids(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, (int, np.integer)) for t in prompt)
 
 
-def resolve_provider(provider: str) -> str:
-    name = PROVIDERS.get(provider)
-    if name is None:
-        raise ArgumentError(f"provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
-    if name not in ort.get_available_providers():
-        raise ArgumentError(f"provider {provider!r}: this onnxruntime build has only "
-                            f"{', '.join(ort.get_available_providers())}")
-    return name
-
-
 def prepack_cache_root(setting, provider: str) -> Path | None:
     """Where `load`'s prepack_cache argument puts the cache (toolkit/prepack_cache.py), or None for none."""
     if setting is False or setting is None:
@@ -461,7 +449,8 @@ def load(path, provider: str = "cpu", threads: int | None = None, max_length: in
          draft_tokens: int = speculative.K_DEFAULT, prepack_cache=False) -> Model:
     """Load an exported model folder.
 
-    provider: "cpu", "cuda" or "dml"; threads: CPU threads (default: onnxruntime's choice); max_length:
+    provider: "cpu", "cuda", "dml" or "auto" (the first of cuda, dml, cpu that this onnxruntime has and
+    the folder was exported for; toolkit/device.py); threads: CPU threads (default: onnxruntime's choice); max_length:
     the context budget, prompt plus new tokens (default: the model's context length); verify: also check
     every file's sha256 (slower); preload: create the session(s) now rather than on first use;
     decode_graph: run single-token steps through decode.onnx in a second session instead of through the
