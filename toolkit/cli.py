@@ -81,7 +81,7 @@ def model_options(f):
     f = click.option("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's)")(f)
     f = click.option("--max-length", type=int, default=4096, show_default=True,
                      help="context budget: prompt plus new tokens")(f)
-    return click.option("--provider", type=click.Choice(["cpu", "cuda", "dml"]), default="cpu",
+    return click.option("--provider", type=click.Choice(["cpu", "cuda", "dml", "auto"]), default="cpu",
                         show_default=True)(f)
 
 
@@ -216,7 +216,7 @@ def eval_cmd(model, text_file, reference, window, stride, threads, as_json):
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--runs", type=int, default=3, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's)")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "dml"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "dml", "auto"]), default="cpu", show_default=True)
 @click.option("--prepack-cache", is_flag=True, help="load through the prepacked-weights cache (see generate)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_cmd(model, prompt_tokens, new_tokens, runs, threads, provider, prepack_cache, as_json):
