@@ -1,7 +1,9 @@
 """Read a Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer and generation files.
 
-Safetensors is read directly (8-byte header length, JSON header, raw little-endian data) over a memory
-map, so bf16 needs no torch and a tensor is only materialised when asked for.
+Safetensors is read directly (8-byte header length, JSON header, raw little-endian data), so bf16 needs no
+torch and a tensor is only materialised when asked for. The header is first validated by the `safetensors`
+package (as its Rust crate does: a header under 100 MB, a JSON object of tensors whose offsets tile the
+data exactly, sizes matching shape × dtype), so no offset read here points outside its tensor's bytes.
 """
 import json
 import shutil
@@ -9,6 +11,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from toolkit.errors import ModelFolderError
 
@@ -18,14 +21,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json", "generation_config.json")
 
 
-def read_json(path: Path) -> dict:
-    """Parse a JSON file, or raise ModelFolderError naming it."""
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (the CLI prints errors as one line)."""
+    return " ".join(str(e).split())
+
+
+def read_json(path: Path, shown: str | None = None) -> dict:
+    """Parse a JSON file holding an object, or raise ModelFolderError naming it (as `shown` if given: a
+    copy's original)."""
+    shown = shown or path
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelFolderError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+        raise ModelFolderError(f"{shown}: file not found") from None
+    except OSError as e:
+        raise ModelFolderError(f"{shown}: not readable ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise ModelFolderError(f"{shown}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{shown}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object_pairs_hook: refuse a key given twice (JSON parsers disagree on which one wins)."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
 
 
 class SafetensorsFile:
@@ -34,12 +57,22 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         try:
+            with safe_open(path, framework="numpy") as f:  # validates the header; lists bf16 too (never loads)
+                listed = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFolderError(f"{path}: not a readable safetensors file ({e})") from None
+                header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+        except SafetensorError as e:
+            raise ModelFolderError(f"{path}: not a valid safetensors file ({one_line(e)})") from None
+        except OSError as e:
+            raise ModelFolderError(f"{path}: not readable ({e.strerror or one_line(e)})") from None
+        except ValueError as e:  # a key given twice
+            raise ModelFolderError(f"{path}: not a valid safetensors header ({one_line(e)})") from None
         header.pop("__metadata__", None)
+        seen = {name: (t.get("dtype"), t.get("shape")) if isinstance(t, dict) else t for name, t in header.items()}
+        if seen != listed:  # two JSON parsers, one reading
+            raise ModelFolderError(f"{path}: the header reads differently to the safetensors package; expected "
+                                   "a plain JSON header")
         self.header = header
         self.data_start = 8 + n
         self._map = None
@@ -76,6 +109,8 @@ class SafetensorsFile:
                 raw = np.fromfile(f, dtype, count=(stop - start) * per_row,
                                   offset=self.data_start + self.header[name]["data_offsets"][0]
                                   + start * per_row * dtype.itemsize)
+            if raw.size != (stop - start) * per_row:  # the header was checked against the file: it shrank since
+                raise ModelFolderError(f"{self.path}: tensor {name} is cut short (the file changed while reading)")
             raw = raw.reshape(stop - start, *shape[1:])
         else:
             raw = self.raw(name)[rows]
@@ -102,21 +137,27 @@ class Checkpoint:
         single = self.folder / "model.safetensors"
         if index.exists():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ModelFolderError(f"{index}: expected a 'weight_map' object")
-            files = {f: SafetensorsFile(self.folder / f) for f in sorted(set(weight_map.values()))
-                     if self._exists(self.folder / f, index)}
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ModelFolderError(f"{index}: expected a 'weight_map' object of tensor name -> file name")
+            files = {f: SafetensorsFile(self._shard(f, index)) for f in sorted(set(weight_map.values()))}
+            for name, f in weight_map.items():
+                if name not in files[f].header:
+                    raise ModelFolderError(f"{index}: tensor {name} is listed in {f}, which does not have it")
             return {name: files[f] for name, f in weight_map.items()}
         if single.exists():
             st = SafetensorsFile(single)
             return {name: st for name in st.keys()}
         raise ModelFolderError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
 
-    @staticmethod
-    def _exists(path: Path, index: Path) -> bool:
-        if not path.exists():
-            raise ModelFolderError(f"{path}: listed in {index.name} but missing")
-        return True
+    def _shard(self, name: str, index: Path) -> Path:
+        """The path of a shard that weight_map names: a plain file name in the folder (no directory, no `..`,
+        not absolute: the index may not reach outside the checkpoint) that exists."""
+        if name in ("", "..") or "\0" in name or Path(name).name != name:
+            raise ModelFolderError(f"{index}: weight_map names the file {name!r}; expected a file name in the "
+                                   "checkpoint folder")
+        if not (self.folder / name).is_file():
+            raise ModelFolderError(f"{self.folder / name}: listed in {index.name} but missing")
+        return self.folder / name
 
     def has(self, name: str) -> bool:
         return name in self._where

@@ -7,14 +7,21 @@ Four passes, each over the result of the one before:
     store      each tensor read, quantized and written to model.weights, then released (export/store.py)
     graphs     prefill.onnx and decode.onnx over the stored tensors, by name; then the manifest
 
-The folder is assembled in a temporary sibling directory and renamed into place at the end, so an
-interrupted or failed export leaves nothing half-written.
+The folder is assembled in a temporary sibling directory (.OUT.partial-PID-…), flushed to disk and renamed
+into place at the end, so a failed, interrupted (Ctrl-C) or terminated (SIGTERM) export leaves nothing
+half-written; one killed outright leaves its partial folder, which the next export to OUT removes once
+that process is gone. OUT may only replace an earlier export (or an empty folder), never the source.
 """
+import json
 import os
+import re
+import secrets
 import shutil
+import signal
 import sys
-import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -22,11 +29,12 @@ import onnx
 from export import qwen2
 from export.backend import backend
 from export.checkpoint import open_checkpoint
-from export.manifest import build_manifest, write_manifest
+from export.manifest import build_manifest, check_side_files, write_manifest
 from export.onnx_builder import Graph
 from export.quantize import QuantSpec, check_divides
 from export.store import Store, write_store
 from toolkit.errors import ArgumentError
+from toolkit.manifest import MANIFEST_NAME
 from toolkit.textfile import read_text_file
 
 WEIGHTS_FILE = "model.weights"
@@ -65,10 +73,7 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     if kv_cache == "int8" and ops == "portable":
         raise ArgumentError("--kv-cache int8: needs --ops fast (onnxruntime's GroupQueryAttention quantizes the cache)")
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if out.exists() and not force:
-        raise ArgumentError(f"{out}: already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise ArgumentError(f"{out}: parent folder {out.parent} does not exist")
+    check_output(src, out, force)
     ckpt = open_checkpoint(src)
     cfg = qwen2.Qwen2Config.from_dict(ckpt.config, str(src if src.is_file() else src / "config.json"))
     if spec.quantized:
@@ -82,12 +87,9 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
             "imported as they are; the quantization options apply to the others (embedding, lm_head)")
 
     started = time.time()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual mode
-    try:
+    with partial_folder(out) as tmp:
         ckpt.write_side_files(tmp)  # first: a checkpoint without a tokenizer fails before the long part
+        check_side_files(tmp, src, cfg.vocab_size)
         stats = None
         if spec.method == "calibrated" or kv_cache == "int8":
             stats = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
@@ -102,9 +104,6 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
                                   time.time() - started, target, kv_cache)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} in {time.time() - started:.1f} s")
     return out
 
@@ -162,12 +161,139 @@ def write_graphs(folder: Path, cfg, store: Store, log) -> dict:
     return graphs
 
 
+def check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse an OUT whose replacement would delete what is not an earlier export: the source checkpoint
+    (OUT is it, contains it or lies inside it; a GGUF file's folder only when OUT would contain the file),
+    or any existing file or folder other than a qwen-edge model folder or an empty folder, --force or not."""
+    if not out.parent.is_dir():
+        raise ArgumentError(f"{out}: parent folder {out.parent} does not exist")
+    s, o = src.resolve(), out.resolve()
+    if o == s or o in s.parents or (src.is_dir() and s in o.parents):
+        where = "is" if o == s else "contains" if o in s.parents else "is inside"
+        raise ArgumentError(f"{out}: {where} the source {src}; expected an output folder apart from the checkpoint")
+    if not os.path.lexists(out):
+        return
+    if not is_export(out):
+        raise ArgumentError(f"{out}: exists and is not a qwen-edge model folder (no {MANIFEST_NAME} with "
+                            f'"format": "qwen-edge"); refusing to replace it, even with --force')
+    if not force:
+        raise ArgumentError(f"{out}: already exists; pass --force to replace it")
+
+
+def is_export(folder: Path) -> bool:
+    """An earlier export (its manifest says "format": "qwen-edge") or an empty folder: what --force replaces."""
+    try:
+        if folder.is_dir() and not any(folder.iterdir()):
+            return True
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == "qwen-edge"
+
+
+def sibling(out: Path, kind: str) -> Path:
+    """A new hidden folder next to `out`, .OUT.KIND-PID-RANDOM: the pid tells a later export whether its owner
+    still runs. os.mkdir applies the umask, so it (and the finished folder) gets the usual mode."""
+    while True:
+        path = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ArgumentError(f"{out}: cannot create a folder in {out.parent} ({e.strerror})") from None
+
+
+def remove_stale(out: Path) -> None:
+    """Delete the temporary siblings of `out` (see `sibling`) left by exports killed outright (SIGKILL, power
+    loss): those whose process is gone."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(?:partial|old)-(\d+)-[0-9a-f]{8}")
+    for path in out.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m and not process_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending one). On Windows assumed alive: os.kill
+    there terminates the process whatever the signal."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
+
+
+@contextmanager
+def partial_folder(out: Path):
+    """The temporary sibling the export is built in (see `sibling`), deleted if the block raises anything,
+    SIGTERM and SIGINT included (`signals_raise`); stale ones of `out` are removed first."""
+    with signals_raise():
+        remove_stale(out)
+        tmp = sibling(out, "partial")
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextmanager
+def signals_raise():
+    """While the block runs, SIGTERM raises SystemExit(143) and SIGINT KeyboardInterrupt (or whatever handler
+    was installed before runs), so the export's cleanup runs before the process ends; the previous handlers
+    are restored after. Signals that were ignored stay ignored. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        before = previous[signum]
+        if callable(before):  # Python's own SIGINT handler (KeyboardInterrupt), or the application's
+            return before(signum, frame)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        before = signal.getsignal(sig)
+        if before is not signal.SIG_IGN:
+            previous[sig] = before
+            signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, signal.SIG_DFL if before is None else before)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (POSIX; Windows cannot open a folder), to disk."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`; an existing `out` (allowed by --force) is moved aside first, then deleted."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    """Move `tmp` to `out` once its files and entries are on disk (else a crash after the rename could leave
+    OUT with empty files); an existing `out` (an earlier export, allowed by --force) is moved aside first,
+    then deleted. The parent's entries are flushed last."""
+    for path in tmp.iterdir():
+        fsync(path)
+    fsync(tmp)
+    if os.path.lexists(out):
+        old = sibling(out, "old")
         os.replace(out, old / "x")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    fsync(out.parent)

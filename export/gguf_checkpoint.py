@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.checkpoint import one_line
+from export.qwen2 import check_token_ids, show
 from toolkit.errors import ModelFolderError
 
 # Qwen2's pre-tokenizer split (the same regex as the Qwen2 tokenizer.json), applied before byte-level BPE.
@@ -54,15 +56,28 @@ class GGUFCheckpoint:
         self.path = self.folder = Path(path)
         try:
             self.reader = GGUFReader(self.path)
-        except Exception as e:  # gguf raises ValueError / struct errors on a malformed file
-            raise ModelFolderError(f"{path}: not a readable GGUF file ({e})") from None
-        self.meta = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        except Exception as e:  # gguf raises ValueError / struct / numpy errors on a malformed file
+            raise ModelFolderError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
+        self.meta = {k: self._field(k) for k in self.reader.fields if not k.startswith("tokenizer.ggml.")}
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.config = self._config()
 
     def _field(self, key: str, default=None):
         field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        try:
+            return default if field is None else field.contents()
+        except Exception as e:  # bytes that are not UTF-8, a value cut short
+            raise ModelFolderError(f"{self.path}: metadata {key} is unreadable ({one_line(e)})") from None
+
+    def _list(self, key: str, kind: type, count: int | None = None) -> list | None:
+        """Array metadata `key` whose items are all `kind` (and `count` of them if given), or None if absent."""
+        value = self._field(key)
+        if value is not None and (not isinstance(value, list) or any(type(v) is not kind for v in value)
+                                  or count is not None and len(value) != count):
+            raise ModelFolderError(f"{self.path}: metadata {key} {show(value)}: expected an array of "
+                                   f"{'string' if kind is str else 'integer'}s"
+                                   + (f", one per token ({count})" if count is not None else ""))
+        return value
 
     def _config(self) -> dict:
         arch = self.meta.get("general.architecture")
@@ -74,14 +89,15 @@ class GGUFCheckpoint:
         if missing:
             raise ModelFolderError(f"{self.path}: metadata qwen2.{missing[0]} is missing")
         scaling = a("rope.scaling.type")
-        tokens = self._field("tokenizer.ggml.tokens") or []
+        embed = self.tensors.get("token_embd.weight")
         return {
             "model_type": "qwen2",
-            "vocab_size": int(self.tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in self.tensors
-            else len(tokens),
+            "vocab_size": int(embed.shape[-1]) if embed is not None and len(embed.shape)
+            else len(self._list("tokenizer.ggml.tokens", str) or []),
             "hidden_size": a("embedding_length"), "intermediate_size": a("feed_forward_length"),
             "num_hidden_layers": a("block_count"), "num_attention_heads": a("attention.head_count"),
             "num_key_value_heads": a("attention.head_count_kv", a("attention.head_count")),
+            "head_dim": a("attention.key_length"),  # absent (as usual): embedding_length / head_count
             "rms_norm_eps": a("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": a("rope.freq_base", 10000.0),
             "max_position_embeddings": a("context_length", 32768),
             "rope_scaling": None if scaling in (None, "none") else {
@@ -120,27 +136,38 @@ class GGUFCheckpoint:
         except NotImplementedError:
             raise ModelFolderError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
                                    "dequantized here; expected F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 or a K-quant")
+        except (ValueError, IndexError) as e:  # its data does not fit its type's blocks
+            raise ModelFolderError(f"{self.path}: tensor {t.name} ({t.tensor_type.name}) is unreadable "
+                                   f"({one_line(e)})") from None
         if tuple(w.shape) != tuple(shape):
             raise ModelFolderError(f"{self.path}: tensor {t.name} has shape {list(w.shape)}, expected {list(shape)}")
         return w
 
     def write_side_files(self, dest: Path) -> None:
         """tokenizer.json, tokenizer_config.json and generation_config.json rebuilt from the metadata."""
-        tokens = self._field("tokenizer.ggml.tokens")
+        tokens = self._list("tokenizer.ggml.tokens", str)
         if not tokens:
             raise ModelFolderError(f"{self.path}: no tokenizer.ggml.tokens in the metadata")
         model, pre = self._field("tokenizer.ggml.model"), self._field("tokenizer.ggml.pre")
         if model != "gpt2" or pre not in ("qwen2", None):
-            raise ModelFolderError(f"{self.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; "
-                                   "expected 'gpt2' (byte-level BPE) with 'qwen2'")
-        types = self._field("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [m.split(" ", 1) for m in self._field("tokenizer.ggml.merges") or []]
+            raise ModelFolderError(f"{self.path}: tokenizer {show(model)} with pre-tokenizer {show(pre)} is not "
+                                   "supported; expected 'gpt2' (byte-level BPE) with 'qwen2'")
+        types = self._list("tokenizer.ggml.token_type", int, len(tokens)) or [1] * len(tokens)
+        merges = [m.split(" ", 1) for m in self._list("tokenizer.ggml.merges", str) or []]
+        if any(len(m) != 2 for m in merges):
+            raise ModelFolderError(f"{self.path}: metadata tokenizer.ggml.merges has an entry without a space; "
+                                   "expected 'left right' pairs")
+        template = self._field("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ModelFolderError(f"{self.path}: metadata tokenizer.chat_template {show(template)}: expected a string")
+        ids = {k: self._field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+        for k, i in ids.items():
+            check_token_ids(i, f"metadata tokenizer.ggml.{k}_token_id", str(self.path), len(tokens))
         (dest / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokens, types, merges), ensure_ascii=False),
                                              encoding="utf-8")
-        ids = {k: self._field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
-        text = lambda i: tokens[i] if i is not None and i < len(tokens) else None  # noqa: E731
+        text = lambda i: tokens[i] if i is not None else None  # noqa: E731
         (dest / "tokenizer_config.json").write_text(json.dumps({
-            "chat_template": self._field("tokenizer.chat_template"),
+            "chat_template": template,
             "bos_token": text(ids["bos"]) if self._field("tokenizer.ggml.add_bos_token") else None,
             "eos_token": text(ids["eos"]), "pad_token": text(ids["padding"]),
         }, indent=2, ensure_ascii=False), encoding="utf-8")

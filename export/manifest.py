@@ -1,12 +1,16 @@
 """Write qwen-edge.json: everything the runtime needs to know about a model folder, written once."""
 import json
+import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 
-from export.checkpoint import read_json
+from export.checkpoint import one_line, read_json
 from export.quantize import QuantSpec
+from export.qwen2 import check_token_ids, show
+from toolkit.errors import ModelFolderError
 from toolkit.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256
 
 # Qwen ends a chat turn with <|im_end|> and plain text with <|endoftext|>; whichever the checkpoint's
@@ -75,7 +79,8 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
         "generation": {k: gen_cfg[k] for k in SAMPLING_KEYS if gen_cfg.get(k) is not None}
         | {"do_sample": bool(gen_cfg.get("do_sample", False))},
         "context_length": cfg.context_length,
-        "export": {"source": str(source), "seconds": round(export_seconds, 1)},
+        # by name, not path: a folder that is moved or shared should not carry the exporting machine's paths
+        "export": {"source": Path(os.path.abspath(source)).name, "seconds": round(export_seconds, 1)},
         "files": file_hashes(folder),
     }
 
@@ -90,8 +95,61 @@ def bytes_by_bits(stored: dict) -> dict:
     return out
 
 
-def optional_json(path: Path) -> dict:
-    return read_json(path) if path.exists() else {}
+def optional_json(path: Path, shown: str | None = None) -> dict:
+    return read_json(path, shown) if path.exists() else {}
+
+
+# generation_config.json's sampling defaults as the runtime's sampler accepts them (toolkit/sampling.py):
+# key -> (type, in range, what is expected)
+SAMPLING_RANGES = {"temperature": ((int, float), lambda v: v >= 0, "a number >= 0"),
+                   "top_k": (int, lambda v: v >= 0, "an integer >= 0"),
+                   "top_p": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   "repetition_penalty": ((int, float), lambda v: v > 0, "a number > 0")}
+
+
+def check_side_files(folder: Path, source: Path, vocab_size: int) -> None:
+    """Refuse, before the long passes, the side files copied (or, from a GGUF, written) into `folder` that
+    the manifest or the runtime would fail on later: a tokenizer.json the tokenizers library cannot load,
+    special tokens or a chat template of the wrong type, sampling defaults the runtime refuses, token ids
+    outside the vocabulary. Messages name the checkpoint's file."""
+    from tokenizers import Tokenizer
+
+    def shown(name):
+        return str(source / name) if source.is_dir() else f"{source} ({name} built from its metadata)"
+
+    try:
+        Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ModelFolderError(f"{shown('tokenizer.json')}: the tokenizers library cannot load it ({one_line(e)})") \
+            from None
+    tok_cfg = optional_json(folder / "tokenizer_config.json", shown("tokenizer_config.json"))
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = tok_cfg.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, dict) and isinstance(value.get("content"), str)):
+            raise ModelFolderError(f"{shown('tokenizer_config.json')}: {key} {show(value)}: expected a string, "
+                                   "{\"content\": string} or null")
+    template = tok_cfg.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("template"), str) for t in template)):
+        raise ModelFolderError(f"{shown('tokenizer_config.json')}: chat_template {show(template)}: expected a "
+                               "string, a list of {\"name\", \"template\"} objects or null")
+    if (folder / "chat_template.jinja").exists():
+        try:
+            (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelFolderError(f"{shown('chat_template.jinja')}: not UTF-8 text ({one_line(e)})") from None
+    gen_cfg = optional_json(folder / "generation_config.json", shown("generation_config.json"))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        check_token_ids(gen_cfg.get(key), key, shown("generation_config.json"), vocab_size, key == "eos_token_id")
+    for key, (kind, ok, expected) in SAMPLING_RANGES.items():
+        value = gen_cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+                                  or not ok(value)):
+            raise ModelFolderError(f"{shown('generation_config.json')}: {key} {show(value)}: expected {expected}")
+    if gen_cfg.get("do_sample") not in (None, True, False):
+        raise ModelFolderError(f"{shown('generation_config.json')}: do_sample {show(gen_cfg['do_sample'])}: expected "
+                               "true or false")
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -111,9 +169,8 @@ def token_text(value) -> str | None:
 
 
 def token_ids(tokenizer_json: Path) -> dict:
-    """Special-token text -> id, from tokenizer.json's added_tokens."""
-    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    return {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    """Special-token text -> id, from tokenizer.json's added_tokens (checked by `check_side_files`)."""
+    return {t["content"]: t["id"] for t in read_json(tokenizer_json).get("added_tokens", [])}
 
 
 def eos_ids(config: dict, gen_cfg: dict, specials: dict, vocab: dict) -> list[int]:

@@ -120,7 +120,7 @@ class PrequantizedFormat:
     @classmethod
     def _gptq(cls, qc: dict, source: str, where: str, bits: int, group: int) -> "PrequantizedFormat":
         fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
-        if fmt not in GPTQ_FORMATS:
+        if not isinstance(fmt, str) or fmt not in GPTQ_FORMATS:
             raise ModelFolderError(f"{source}: {where}checkpoint_format {fmt!r} is not supported; expected "
                                    f"'gptq' or 'gptq_v2'")
         if qc.get("pack_dtype", "int32") not in ("int32", "torch.int32"):

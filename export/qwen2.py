@@ -13,7 +13,8 @@ SkipSimplifiedLayerNormalization, and RoPE + KV append + attention are one Group
 Reference semantics: transformers' modeling_qwen2 (RMSNorm in float32, non-interleaved rotate_half RoPE,
 bias on q/k/v only). The same function builds the prefill graph (S dynamic) and the decode graph (S = 1).
 """
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +23,65 @@ from export.layers import add_rms_norm, embedding, linear, lm_head, rms_norm
 from export.onnx_builder import FLOAT, INT8, INT64, Graph
 from export.store import Matrix, Store
 from toolkit.errors import ModelFolderError
+
+
+# Bounds of the integers that size the graphs and tables: far above any Qwen2 (151,936 tokens, hidden 8,192,
+# 80 layers, 131,072 positions with YaRN), far below what would exhaust memory before a tensor is checked.
+LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+          "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 512,
+          "max_position_embeddings": 1 << 20}
+
+
+def show(value, width: int = 40) -> str:
+    """repr(value) for a one-line message, cut to `width` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+class Fields:
+    """Typed, range-checked reads of one config dict; errors name the field and the file."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def _value(self, name: str, default, expected: str):
+        value = self.d.get(name)
+        if value is None and default is None:
+            raise ModelFolderError(f"{self.source}: {name} is missing; expected {expected}")
+        return default if value is None else value
+
+    def integer(self, name: str, default=None, low: int = 1) -> int:
+        """An integer in [low, LIMITS[name]] (null or absent: `default`)."""
+        expected = f"an integer in [{low}, {LIMITS[name]}]"
+        value = self._value(name, default, expected)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= LIMITS[name]:
+            raise ModelFolderError(f"{self.source}: {name} {show(value)}: expected {expected}")
+        return value
+
+    def number(self, name: str, default, low: float, high: float, expected: str) -> float:
+        """A finite number in the open interval (low, high) (null or absent: `default`)."""
+        value = self._value(name, default, expected)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not low < value < high):
+            raise ModelFolderError(f"{self.source}: {name} {show(value)}: expected {expected}")
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._value(name, default, "true or false")
+        if not isinstance(value, bool):
+            raise ModelFolderError(f"{self.source}: {name} {show(value)}: expected true or false")
+        return value
+
+
+def check_token_ids(value, name: str, source: str, vocab_size: int, many: bool = False) -> list[int]:
+    """A token id in [0, vocab_size) or null (with `many`, as eos_token_id, also a list of them): the runtime
+    stops at them and pads with them."""
+    ids = value if many and isinstance(value, list) else [] if value is None else [value]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ModelFolderError(f"{source}: {name} {show(value)}: expected a token id in [0, {vocab_size})"
+                                   + (", a list of them" if many else "") + " or null")
+    return ids
 
 
 @dataclass(frozen=True)
@@ -44,24 +104,47 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2Config":
+        """The config of a config.json dict (or GGUF metadata under the same names). Every field the export
+        uses is type- and range-checked here, so nothing later divides by zero or sizes a table from a
+        negative or absurd number; anything else raises a one-line ModelFolderError naming the field."""
+        if not isinstance(d, dict):
+            raise ModelFolderError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type") != "qwen2":
-            raise ModelFolderError(f"{source}: model_type {d.get('model_type')!r} is not supported; expected 'qwen2'")
-        if d.get("use_sliding_window"):
-            raise ModelFolderError(f"{source}: use_sliding_window=true is not supported yet; expected false")
-        names = {f.name for f in fields(cls)}
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "rms_norm_eps"):
-            if not isinstance(d.get(name), (int, float)):
-                raise ModelFolderError(f"{source}: expected a number for {name!r}")
-        kw = {k: v for k, v in d.items() if k in names and v is not None}
-        kw["rope_scaling"] = rope.RopeScaling.from_config(d, source)
-        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
-        if not kw.get("head_dim"):
-            kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
-        cfg = cls(**kw)
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ModelFolderError(f"{source}: num_attention_heads {cfg.num_attention_heads} is not a multiple "
-                                   f"of num_key_value_heads {cfg.num_key_value_heads}")
+            raise ModelFolderError(f"{source}: model_type {show(d.get('model_type'))} is not supported; expected "
+                                   "'qwen2'")
+        if d.get("use_sliding_window") not in (None, False):
+            raise ModelFolderError(f"{source}: use_sliding_window {show(d['use_sliding_window'])} is not supported "
+                                   "(yet); expected false")
+        get = Fields(d, source)
+        nh = get.integer("num_attention_heads")
+        kvh = get.integer("num_key_value_heads", nh)
+        if nh % kvh:
+            raise ModelFolderError(f"{source}: num_attention_heads {nh} is not a multiple of num_key_value_heads "
+                                   f"{kvh}; expected num_key_value_heads to divide it")
+        hidden = get.integer("hidden_size")
+        head_dim = get.integer("head_dim", 0, low=0)  # 0 or absent: hidden_size / num_attention_heads
+        if head_dim == 0 and hidden % nh:
+            raise ModelFolderError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {nh}; "
+                                   "expected it to be (or a head_dim)")
+        head_dim = head_dim or hidden // nh
+        if head_dim % 2 or head_dim > LIMITS["head_dim"]:
+            raise ModelFolderError(f"{source}: head_dim {head_dim} (given or hidden_size / num_attention_heads): "
+                                   f"expected an even number up to {LIMITS['head_dim']} (RoPE turns channel pairs)")
+        cfg = cls(vocab_size=get.integer("vocab_size"), hidden_size=hidden,
+                  intermediate_size=get.integer("intermediate_size"),
+                  num_hidden_layers=get.integer("num_hidden_layers"), num_attention_heads=nh, num_key_value_heads=kvh,
+                  rms_norm_eps=get.number("rms_norm_eps", None, 0.0, 1.0, "a number in (0, 1)"),
+                  rope_theta=get.number("rope_theta", 10000.0, 1.0, math.inf, "a finite number > 1"),
+                  max_position_embeddings=get.integer("max_position_embeddings", rope.DEFAULT_MAX_POSITIONS),
+                  tie_word_embeddings=get.boolean("tie_word_embeddings", False), head_dim=head_dim,
+                  rope_scaling=rope.RopeScaling.from_config(d, source))
+        if cfg.context_length > LIMITS["max_position_embeddings"]:
+            s = cfg.rope_scaling
+            raise ModelFolderError(f"{source}: rope_scaling.factor {s.factor:g} × original_max_position_embeddings "
+                                   f"{s.original_max_position_embeddings} = {cfg.context_length} positions; expected "
+                                   f"at most {LIMITS['max_position_embeddings']}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            check_token_ids(d.get(name), name, source, cfg.vocab_size, many=name == "eos_token_id")
         return cfg
 
     @property

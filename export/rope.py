@@ -29,6 +29,7 @@ from toolkit.errors import ModelFolderError
 
 SUPPORTED = ("yarn",)  # besides "default" (and rope_scaling null), which mean plain RoPE
 DEFAULT_MAX_POSITIONS = 32768  # transformers' Qwen2Config default for max_position_embeddings
+MAX_SCALE = 1000.0  # bound of mscale, mscale_all_dim, attention_factor (about 1 in practice): finite float32 tables
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ class RopeScaling:
                 return default
             if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                     or v < low or (low_open and v == low) or v > high):
-                raise ModelFolderError(f"{source}: rope_scaling.{name} {v!r}: expected "
-                                       f"{what or ('a number ' + ('> ' if low_open else '>= ') + repr(low))}")
+                bound = ('> ' if low_open else '>= ') + repr(low) + (f" and <= {high:g}" if high < math.inf else "")
+                raise ModelFolderError(f"{source}: rope_scaling.{name} {v!r}: expected {what or 'a number ' + bound}")
             return float(v)
 
         if rs.get("factor") is None:
@@ -88,7 +89,8 @@ class RopeScaling:
                                    f"{beta_slow:g}; expected beta_fast >= beta_slow")
         original = number("original_max_position_embeddings", None, 1, what="a positive integer")
         if original is None:  # transformers: the pre-scaling context is then max_position_embeddings
-            original = config.get("max_position_embeddings", DEFAULT_MAX_POSITIONS)
+            original = config.get("max_position_embeddings")
+            original = DEFAULT_MAX_POSITIONS if original is None else original  # null: the default, as absent
             if isinstance(original, bool) or not isinstance(original, int) or original < 1:
                 raise ModelFolderError(f"{source}: max_position_embeddings {original!r}: expected a positive "
                                        "integer (rope_scaling gives no original_max_position_embeddings)")
@@ -99,9 +101,10 @@ class RopeScaling:
         if not isinstance(truncate, bool):
             raise ModelFolderError(f"{source}: rope_scaling.truncate {truncate!r}: expected true or false")
         return cls(factor=factor, original_max_position_embeddings=int(original), beta_fast=beta_fast,
-                   beta_slow=beta_slow, mscale=number("mscale", 0.0, 0),
-                   mscale_all_dim=number("mscale_all_dim", 0.0, 0),
-                   attention_factor=number("attention_factor", None, 0, low_open=True), truncate=truncate)
+                   beta_slow=beta_slow, mscale=number("mscale", 0.0, 0, high=MAX_SCALE),
+                   mscale_all_dim=number("mscale_all_dim", 0.0, 0, high=MAX_SCALE),
+                   attention_factor=number("attention_factor", None, 0, low_open=True, high=MAX_SCALE),
+                   truncate=truncate)
 
 
 def context_length(max_position_embeddings: int, scaling: RopeScaling | None) -> int:
