@@ -114,8 +114,8 @@ def test_both_caches_hold_exactly_the_sequence_after_the_rounds(models):
     cache, draft_cache = target.new_cache(1), draft.new_cache(1)
     target.forward("prefill", np.array([ids[:3]]), np.ones((1, 3), np.int64), cache)  # as a chat's earlier turn
     done = [toolkit.Completion("", ids)]
-    list(target._run([ids], temperature=0, max_new_tokens=30, draft=draft, draft_tokens=6, _collect=done,
-                     cache=cache, draft_cache=draft_cache))
+    list(target.run([ids], temperature=0, max_new_tokens=30, draft=draft, draft_tokens=6, collect=done,
+                    cache=cache, draft_cache=draft_cache))
     seq = ids + done[0].token_ids
     assert done[0].stats.drafted_tokens > done[0].stats.accepted_tokens  # some drafts were rejected
     for model, c in ((target, cache), (draft, draft_cache)):
@@ -292,7 +292,7 @@ def test_refusals(folders, models):
         toolkit.load(folders["target"], draft_tokens=0)
     # a model loaded with a draft: draft=False turns it off for one call (a batch, lookup)
     with_draft = toolkit.load(folders["target"], max_length=512, draft=folders["same"])
-    assert with_draft.draft is not None and with_draft.draft.max_length == 512
+    assert with_draft.draft.manifest.folder == folders["same"] and with_draft.draft.max_length == 512
     with pytest.raises(ArgumentError, match="draft: needs one prompt"):
         with_draft.generate(["a", "b"], max_new_tokens=4)
     assert with_draft.generate(["a", "b"], max_new_tokens=4, temperature=0, draft=False) == target.generate(

@@ -7,6 +7,7 @@ import toolkit
 from export import QuantSpec, export
 from export.gguf_checkpoint import GGUFCheckpoint
 from test_cli import assert_bad_input, cli
+from test_graph import assert_greedy_follows_logits
 from tiny import oracle, write_gguf
 
 TEXTS = ["Hello, world! The quick brown fox.", "你好，世界！今天天气很好。", "def f(x):\n    return x ** 2  # sq\n",
@@ -61,7 +62,9 @@ def test_quantized_gguf_tensors_are_dequantized_faithfully(matrix_type, gguf_fil
 def test_gguf_can_be_exported_quantized(gguf_file, tmp_path):
     out = tmp_path / "q"
     assert cli("export", gguf_file("Q8_0"), out, "--bits", "4").returncode == 0
-    assert toolkit.load(out).generate("def", max_new_tokens=4, temperature=0) is not None
+    model = toolkit.load(out)
+    assert model.manifest["quantization"]["bits"] == 4
+    assert_greedy_follows_logits(model)
 
 
 def test_unsupported_tensor_type_is_named(checkpoint, tmp_path):

@@ -17,6 +17,19 @@ def run(model, ids_rows, masks, cache, graph):
     return out[:, -1] if graph == "prefill" else out
 
 
+def assert_greedy_follows_logits(model, prompt: str = "def", new_tokens: int = 4) -> None:
+    """A model folder generates: greedy decoding gives new_tokens tokens (or ends at an end token), the first
+    is the argmax of the prefill graph's own logits for the prompt, and the text is their decoding."""
+    done = model.complete([prompt], max_new_tokens=new_tokens, temperature=0)[0]
+    ids = np.array([done.prompt_ids], dtype=np.int64)
+    logits = model.forward("prefill", ids, np.ones_like(ids), model.new_cache(1))
+    assert done.token_ids and done.token_ids[0] == int(np.argmax(logits[0, -1]))
+    ended = done.finish_reason == "stop" and done.token_ids[-1] in model.eos_ids
+    assert len(done.token_ids) == new_tokens or ended
+    # the text is the tokens' decoding, less an incomplete character at the end (held back, never emitted)
+    assert done.text == model.tokenizer.decode(done.token_ids).rstrip("\ufffd")
+
+
 def dequantized_oracle(folder, bits, group_size, symmetric, method="rtn", bits_for=None):
     """The oracle with every matrix the export quantizes replaced by its dequantized value
     (`bits_for`: matrix name -> bits where they differ from `bits`)."""

@@ -100,7 +100,9 @@ def test_bad_settings_are_one_line_errors(exported):
         toolkit.load(folder, prepack_cache=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert toolkit.load(folder, threads=1, prepack_cache=None).session("prefill") is not None
+        model = toolkit.load(folder, threads=1, prepack_cache=None)  # None: no cache, and no warning
+    assert model._prepack_root is None
+    assert {i.name for i in model.session("prefill").get_inputs()} >= {"input_ids", "attention_mask", "num_logits"}
 
 
 def test_cli_flag_uses_the_cache_root_from_the_environment(exported, tmp_path):

@@ -63,6 +63,7 @@ def test_stream_never_emits_a_broken_character_and_holds_back_stop_prefixes():
         if stream.stopped:
             break
     pieces.append(stream.flush())
+    assert stream.stopped
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == "héllo 🙂 wörld "
     assert not any("S" in p for p in pieces)
@@ -91,7 +92,9 @@ def test_stop_string_cuts_the_text(exported):
     model = toolkit.load(exported("tied_fp32", bits=32))
     full = model.generate("def", max_new_tokens=12, temperature=0)
     stop = full[3:5]
-    assert stop and model.generate("def", max_new_tokens=12, temperature=0, stop=[stop]) == full[:full.index(stop)]
+    assert len(stop) == 2
+    done = model.complete(["def"], max_new_tokens=12, temperature=0, stop=[stop])[0]
+    assert (done.text, done.finish_reason) == (full[:full.index(stop)], "stop")
 
 
 def test_stream_pieces_join_to_generate(exported):

@@ -1,6 +1,8 @@
 """`qwen-edge` command line: each command is a few lines over the library.
 
-Bad input (a QwenEdgeError or a click usage error) prints one line `error: ...` and exits with 2.
+Bad input (a QwenEdgeError or a click usage error) prints one line `error: ...` and exits with 2; the
+machine's fault (OSError such as a full disk, MemoryError) and any other exception (a bug) print one line
+`error: <type>: <text>` and exit with 1. No traceback reaches the user.
 """
 import json
 import sys
@@ -236,10 +238,16 @@ def bench_cmd(model, prompt_tokens, new_tokens, runs, threads, provider, prepack
 @click.option("--model-id", default=None, help="the model name in responses (default: the folder's name)")
 @click.option("--max-queue", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="requests that may wait for the one running; more get 503")
+@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="new tokens of a request that names none, and the most one may ask for (more: 400)")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=300, show_default=True,
+              help="seconds a request may generate; then it gets the answer so far (finish_reason length)")
+@click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
+              help="largest request body in bytes; more gets 413")
 @model_options
 @draft_options
-def serve(model, host, port, api_key, model_id, max_queue, provider, threads, max_length, prepack_cache, draft,
-          draft_tokens):
+def serve(model, host, port, api_key, model_id, max_queue, max_tokens, request_timeout, max_body, provider, threads,
+          max_length, prepack_cache, draft, draft_tokens):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     try:
         from toolkit.server import serve as run_server
@@ -252,11 +260,13 @@ def serve(model, host, port, api_key, model_id, max_queue, provider, threads, ma
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     run_server(m, model_id or Path(model).resolve().name, host=host, port=port, api_key=api_key,
-               max_queue=max_queue, log=lambda msg: click.echo(msg, err=True))
+               max_queue=max_queue, max_tokens=max_tokens, request_timeout=request_timeout, max_body=max_body,
+               log=lambda msg: click.echo(msg, err=True))
 
 
 def main(argv=None) -> None:
-    """Entry point: runs the CLI and turns bad input into one line on stderr and exit status 2."""
+    """Entry point: runs the CLI and turns every exception into one line on stderr: exit status 2 for bad
+    input, 1 for the machine's fault or a bug, 130 for Ctrl-C."""
     started = time.time()
     warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
     try:
@@ -272,6 +282,18 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted after {time.time() - started:.1f} s", err=True)
         sys.exit(130)
+    except (OSError, MemoryError) as e:  # the machine's fault (disk full, no memory), not the input's
+        click.echo(f"error: {type(e).__name__}: {one_line(e)}", err=True)
+        sys.exit(1)
+    except Exception as e:  # a bug: still one line, and where to report it
+        click.echo(f"error: {type(e).__name__}: {one_line(e)} (a bug in qwen-edge: please report it to its "
+                   "maintainers with this command line and the output of `qwen-edge --version`)", err=True)
+        sys.exit(1)
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "(no message)"
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A readable summary of a model folder's manifest (`qwen-edge inspect`)."""
-from toolkit.manifest import Manifest
+from toolkit.manifest import Manifest, layer_name
 
 
 def mib(n: int) -> str:
@@ -27,11 +27,11 @@ def describe(manifest: Manifest) -> str:
         f"weights     {weights}",
         f"            {manifest['weights_file']}: {mib(q['weights_bytes'])}",
         f"kv cache    {kv['dtype']} [batch, {kv['num_key_value_heads']}, length, {kv['head_dim']}] x "
-        f"{2 * kv['num_layers']}: {kv['past_key'].format(layer='i')} -> {kv['present_key'].format(layer='i')}",
+        f"{2 * kv['num_layers']}: {layer_name(kv['past_key'], 'i')} -> {layer_name(kv['present_key'], 'i')}",
     ]
     for name, g in manifest["graphs"].items():
         ins = ", ".join(f"{v['name']}{v['shape']}" for v in g["inputs"][:2])
-        logits = next(v for v in g["outputs"] if v["name"] == "logits")
+        logits = next((v for v in g.get("outputs", ()) if v["name"] == "logits"), {"shape": "?"})
         lines.append(f"graph       {name}: {g['file']} ({ins}, {len(g['inputs']) - 2} past KV -> logits"
                      f"{logits['shape']}, {len(g['outputs']) - 1} present KV)")
     lines += [

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from toolkit.errors import ContextOverflowError
+from toolkit.manifest import layer_name
 
 START = 256  # positions allocated at first
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}  # the manifest's kv_cache.dtype (int8: scales in the graphs)
@@ -30,8 +31,7 @@ class KVCache:
     def __init__(self, spec: dict, batch: int, limit: int, capacity: int = START, device: str = "cpu"):
         self.spec = spec  # the manifest's kv_cache section
         self.layers = spec["num_layers"]
-        self.names = [(spec["past_key"].format(layer=i), spec["past_value"].format(layer=i),
-                       spec["present_key"].format(layer=i), spec["present_value"].format(layer=i))
+        self.names = [tuple(layer_name(spec[k], i) for k in ("past_key", "past_value", "present_key", "present_value"))
                       for i in range(self.layers)]
         self.batch, self.heads, self.head_dim = batch, spec["num_key_value_heads"], spec["head_dim"]
         self.limit = limit

@@ -26,10 +26,13 @@ from toolkit.chat_template import ChatTemplate
 from toolkit.errors import ArgumentError, ContextOverflowError, ModelFolderError
 from toolkit.generation import Completion, Row, Stats, prompt_lookup
 from toolkit.kv_cache import KVCache
-from toolkit.manifest import Manifest, read_manifest
+from toolkit.manifest import Manifest, layer_name, read_manifest
 from toolkit.sampling import SamplingParams, make_sampler
 from toolkit import device, prepack_cache, speculative
 from toolkit.tokenizer import Tokenizer
+
+MAX_STOPS, MAX_STOP_LENGTH = 16, 1000  # stop strings per call, characters per stop string
+
 
 class Model:
     """A loaded model folder. Build it with `toolkit.load`.
@@ -48,6 +51,7 @@ class Model:
         self.manifest: Manifest = read_manifest(folder)
         self.manifest.check_files(hashes=verify)
         self.config = self.manifest["model"]
+        self.vocab_size = self.config["vocab_size"]  # token ids are 0 .. vocab_size - 1 (the graph's embedding rows)
         self.tokenizer = Tokenizer(self.manifest.path(self.manifest["tokenizer"]["file"]))
         template = self.manifest.get("chat_template")
         specials = self.manifest["tokenizer"].get("special_tokens", {})
@@ -140,6 +144,11 @@ class Model:
             raise ModelFolderError(f"{self.manifest.folder}: has no {name!r} graph (re-export it with this "
                                    "version of qwen-edge)")
         path = self.manifest.path(graph["file"])
+        session = self._load(path)
+        self._check_graph(name, session, path)
+        return session
+
+    def _load(self, path: Path) -> ort.InferenceSession:
         try:
             if self._prepack_root is not None:
                 return prepack_cache.open_session(
@@ -150,6 +159,32 @@ class Model:
             return ort.InferenceSession(str(path), self._options, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own exception types for a broken graph
             raise ModelFolderError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]})") from None
+
+    def _check_graph(self, name: str, session: ort.InferenceSession, path: Path) -> None:
+        """The graph takes and returns what the manifest says: the token inputs, one past and present per layer
+        (named by the kv_cache templates, with its KV heads, head_dim and dtype) and logits over vocab_size."""
+        kv = self.manifest["kv_cache"]
+        layers = range(kv["num_layers"])
+        pasts = [layer_name(kv[k], i) for i in layers for k in ("past_key", "past_value")]
+        presents = [layer_name(kv[k], i) for i in layers for k in ("present_key", "present_value")]
+        inputs = {v.name: v for v in session.get_inputs()}
+        outputs = {v.name: v for v in session.get_outputs()}
+        dtype = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}[kv["dtype"]]
+        shape = [kv["num_key_value_heads"], kv["head_dim"]]  # dimensions 1 and 3 of a past or present
+        where = f"{path}: does not match {self.manifest.folder / 'qwen-edge.json'}"
+        tokens = ["input_ids", "attention_mask"] + (["num_logits"] if name == "prefill" else [])
+        if set(inputs) != set(tokens + pasts):
+            raise ModelFolderError(f"{where}: its inputs are not {', '.join(tokens)} and the kv_cache pasts of "
+                                   f"{kv['num_layers']} layers ({len(inputs)} inputs for {len(tokens + pasts)})")
+        if not set(presents + ["logits"]) <= set(outputs):
+            raise ModelFolderError(f"{where}: its outputs lack logits or the kv_cache presents")
+        for v in [inputs[n] for n in pasts] + [outputs[n] for n in presents]:
+            if v.type != dtype or len(v.shape) != 4 or not fixed(v.shape[1::2], shape):
+                raise ModelFolderError(f"{where}: {v.name} is {v.type} {v.shape}; kv_cache says {kv['dtype']} "
+                                       f"[batch, {shape[0]}, positions, {shape[1]}]")
+        if not fixed(outputs["logits"].shape[-1:], [self.vocab_size]):
+            raise ModelFolderError(f"{where}: logits are {outputs['logits'].shape}; model.vocab_size is "
+                                   f"{self.vocab_size}")
 
     def new_cache(self, batch: int = 1) -> KVCache:
         """An empty KV cache for `batch` sequences (it grows as needed up to max_length)."""
@@ -165,17 +200,40 @@ class Model:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def encode(self, prompt, chat: bool | None = None) -> list[int]:
+    def encode(self, prompt, chat: bool | None = None, literal_content: bool = False) -> list[int]:
         """Token ids of a prompt: a str is used as is (unless chat=True), a message list goes
-        through the chat template, a list of ints is taken as token ids."""
-        if is_token_ids(prompt):
-            return [int(t) for t in prompt]
+        through the chat template, a list of ints is taken as token ids (each checked against the vocabulary).
+
+        Special-token text (<|im_start|> …) in a str or in the template's output becomes the control token, as
+        transformers and llama.cpp's server do. literal_content=True keeps it plain text inside the content of
+        user and tool messages, so that what a user types cannot open or close turns (the template's own
+        tokens stay control tokens; see ChatTemplate.render_pieces)."""
+        if isinstance(prompt, list) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return self.check_ids(prompt)
         if isinstance(prompt, str) and not chat:
             return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (str, list)):
+            raise ArgumentError(f"prompt: expected a str, a list of messages or a list of token ids, got "
+                                f"{type(prompt).__name__}")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if self.chat_template is None:
             raise ModelFolderError(f"{self.manifest.folder}: the model has no chat template; pass raw text")
+        if literal_content:
+            return self.tokenizer.encode_pieces(self.chat_template.render_pieces(messages))
         return self.tokenizer.encode(self.chat_template.render(messages))
+
+    def check_ids(self, ids, what: str = "prompt") -> list[int]:
+        """Token ids as a list of ints, each in [0, vocab_size); ArgumentError naming the first bad one."""
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ArgumentError(f"{what}: expected at least one token")
+        if all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < self.vocab_size:
+            return list(ids)
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
+                shown = int(t) if isinstance(t, np.integer) else t
+                raise ArgumentError(f"{what}: token id {shown!r:.40} at position {i}: expected an integer from 0 to "
+                                    f"{self.vocab_size - 1}")
+        return [int(t) for t in ids]
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -186,11 +244,11 @@ class Model:
         done = self.complete(prompt if batch else [prompt], **kwargs)
         return [c.text for c in done] if batch else done[0].text
 
-    def stream(self, prompt, **kwargs) -> Iterator[str]:
+    def stream(self, prompt, literal_content: bool = False, **kwargs) -> Iterator[str]:
         """Yield the text of one prompt's answer piece by piece as it is decoded."""
         if is_batch(prompt):
             raise ArgumentError("stream: expected one prompt or one chat, not a batch")
-        for _, piece in self._run([self.encode(prompt)], **kwargs):
+        for _, piece in self.run([self.encode(prompt, literal_content=literal_content)], **kwargs):
             yield piece
 
     def chat(self, messages: list[dict], stream: bool = False, **kwargs):
@@ -209,8 +267,8 @@ class Model:
 
     def complete(self, prompts: list, max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None, stop=(), lookup: int = 0, draft=None,
-                 draft_tokens: int | None = None) -> list[Completion]:
+                 seed: int | None = None, stop=(), lookup: int = 0, draft=None, draft_tokens: int | None = None,
+                 literal_content: bool = False) -> list[Completion]:
         """Generate for a list of prompts (str, message lists, or lists of token ids) as one batch.
 
         Sampling options default to the model's generation_config; temperature 0 is greedy. Generation
@@ -224,63 +282,65 @@ class Model:
         one call: greedy gives the target's own tokens (up to the rounding of quantized kernels in a
         near-tie), sampling draws from the target's distribution (toolkit/speculative.py).
         Completion.stats counts drafted and accepted tokens.
+        literal_content=True: special-token text in user and tool messages stays plain text (see `encode`).
         """
         if not isinstance(prompts, list) or not prompts:
             raise ArgumentError("prompts: expected a non-empty list of prompts")
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(p, literal_content=literal_content) for p in prompts]
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup, draft=draft,
                        draft_tokens=draft_tokens)
         out = [Completion("", p) for p in ids]
-        for row, piece in self._run(ids, _collect=out, **options):
+        for row, piece in self.run(ids, collect=out, **options):
             out[row].text += piece
         return out
 
-    def _run(self, prompts: list[list[int]], max_new_tokens=256, temperature=None, top_k=None, top_p=None,
-             repetition_penalty=None, seed=None, stop=(), lookup: int = 0, draft=None, draft_tokens=None,
-             _collect=None, cache: KVCache | None = None, draft_cache: KVCache | None = None,
-             stats: Stats | None = None) -> Iterator[tuple[int, str]]:
-        """Core loop: yields (row, text piece) as tokens are decoded.
+    def run(self, prompts: list[list[int]], max_new_tokens=256, temperature=None, top_k=None, top_p=None,
+            repetition_penalty=None, seed=None, stop=(), lookup: int = 0, draft=None, draft_tokens=None,
+            collect: list[Completion] | None = None, cache: KVCache | None = None,
+            draft_cache: KVCache | None = None, stats: Stats | None = None) -> Iterator[tuple[int, str]]:
+        """The public low-level generation API (what `complete`, `stream`, ChatSession and the server use):
+        generate for a batch of prompts given as token ids, yielding (row, text piece) as tokens are decoded.
 
-        `cache`, for one prompt only, holds the KV of the prompt's first `cache.length` tokens (a chat's
-        earlier turns): only the rest is prefilled, and the cache is extended in place, ending with every
-        token fed to the model (the prompt and all generated tokens but the last). `draft_cache` is the
-        same for the draft model (it may hold fewer tokens, or none)."""
-        params = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
-        if not isinstance(lookup, int) or lookup < 0 or lookup > 64:
-            raise ArgumentError(f"lookup {lookup}: expected an integer from 0 (off) to 64 draft tokens")
-        draft = self._draft_for(draft)
-        draft_tokens = speculative.check_draft_tokens(self.draft_tokens if draft_tokens is None else draft_tokens)
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) for s in stop):
-            raise ArgumentError(f"stop {stop!r}: expected a string or a list of strings")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ArgumentError(f"max_new_tokens {max_new_tokens}: expected an integer >= 1")
+        prompts: a list of token-id lists (each id in [0, vocab_size); `encode` makes them from text or a
+        chat). Options as in `complete`. `collect`, if given, is a list with one Completion per prompt that
+        takes each row's token ids, finish reason and (at the end) `stats`. `stats`: a Stats to fill in
+        (timings, token counts, drafted/accepted tokens). `cache`, for one prompt only, holds the KV of the
+        prompt's first `cache.length` tokens (a chat's earlier turns, kv_cache.PrefixCache): only the rest is
+        prefilled, and the cache is extended in place, ending with every token fed to the model (the prompt
+        and all generated tokens but the last). `draft_cache` is the same for the draft model (it may hold
+        fewer tokens, or none). Bad prompts or options raise a QwenEdgeError when the iteration starts,
+        before anything is generated (`check_options` checks options up front)."""
+        if not isinstance(prompts, list) or not prompts:
+            raise ArgumentError("prompts: expected a non-empty list of token-id lists")
+        prompts = [self.check_ids(p) for p in prompts]
+        o = self.check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, lookup,
+                               draft, draft_tokens)
+        params, lookup, draft, stop = o["params"], o["lookup"], o["draft"], o["stop"]
         longest = max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
-            raise ArgumentError("prompt: expected at least one token")
         if longest >= self.max_length:
             raise ContextOverflowError(f"prompt: {longest} tokens do not fit max_length {self.max_length} "
                                        "(leave room for at least one new token)")
-        max_new_tokens = min(max_new_tokens, self.max_length - longest)
+        max_new_tokens = min(o["max_new_tokens"], self.max_length - longest)
         stats = stats if stats is not None else Stats()
         stats.prompt_tokens = longest
 
         batch = len(prompts)
-        if lookup and (batch > 1 or params.temperature != 0):
+        if lookup and batch > 1:
             raise ArgumentError("lookup: needs one prompt and greedy decoding (temperature 0)")
         if draft is not None and batch > 1:
             raise ArgumentError(f"draft: needs one prompt, not a batch of {batch} (pass draft=False to decode "
                                 "the batch without it)")
-        if draft is not None and lookup:
-            raise ArgumentError("draft and lookup: use one or the other (pass draft=False to use lookup)")
+        if collect is not None and len(collect) != batch:
+            raise ArgumentError(f"collect: {len(collect)} Completions for {batch} prompts")
+        if cache is not None and (batch > 1 or not 0 <= cache.length < longest):
+            raise ArgumentError(f"cache: holds {cache.length} positions; expected one prompt of more tokens")
         # one generator per row (seed + row): rows of a batch draw independently and reproducibly
-        rows = [Row(prompts[r], self.eos_ids, self.tokenizer, stop, _collect[r] if _collect else None,
+        rows = [Row(prompts[r], self.eos_ids, self.tokenizer, stop, collect[r] if collect else None,
                     make_sampler(params if params.seed is None else replace(params, seed=params.seed + r)))
                 for r in range(batch)]
         t = time.perf_counter()
         if cache is not None:
-            assert batch == 1 and 0 <= cache.length < longest, "a reused cache must leave a token to prefill"
             stats.reused_tokens = cache.length
             mask = np.ones((1, longest), dtype=np.int64)
             logits = self._step("prefill", np.array([prompts[0][cache.length:]], dtype=np.int64), mask, cache)[:, -1]
@@ -291,7 +351,7 @@ class Model:
         if draft is not None:
             draft_cache = draft_cache if draft_cache is not None else draft.new_cache(1)
             yield from ((0, piece) for piece in speculative.speculative_loop(
-                self, draft, rows[0], logits[0], cache, draft_cache, max_new_tokens, draft_tokens, stats, t))
+                self, draft, rows[0], logits[0], cache, draft_cache, max_new_tokens, o["draft_tokens"], stats, t))
         elif lookup:
             yield from ((0, piece) for piece in self._lookup_loop(rows[0], logits[0], cache, max_new_tokens, lookup,
                                                                    stats, t))
@@ -394,6 +454,30 @@ class Model:
         logits = outputs[0].numpy()
         return logits[:, 0] if one_token else logits
 
+    def check_options(self, max_new_tokens=256, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                      seed=None, stop=(), lookup=0, draft=None, draft_tokens=None) -> dict:
+        """Check generation options (as `complete` takes them) without generating: ArgumentError naming the
+        first bad one, else their values (params: SamplingParams, max_new_tokens, stop: a tuple, lookup,
+        draft: a Model or None, draft_tokens). `run` calls it; ChatSession calls it before changing anything."""
+        params = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
+        if type(lookup) is not int or not 0 <= lookup <= 64:
+            raise ArgumentError(f"lookup {lookup!r:.40}: expected an integer from 0 (off) to 64 draft tokens")
+        if type(max_new_tokens) is not int or max_new_tokens < 1:
+            raise ArgumentError(f"max_new_tokens {max_new_tokens!r:.40}: expected an integer >= 1")
+        stop = (stop,) if isinstance(stop, str) else () if stop is None else stop
+        if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOPS or not all(
+                isinstance(s, str) and len(s) <= MAX_STOP_LENGTH for s in stop):
+            raise ArgumentError(f"stop {stop!r:.60}: expected a string or a list of at most {MAX_STOPS} strings of "
+                                f"at most {MAX_STOP_LENGTH} characters")
+        if lookup and params.temperature != 0:
+            raise ArgumentError("lookup: needs one prompt and greedy decoding (temperature 0)")
+        draft = self._draft_for(draft)
+        if draft is not None and lookup:
+            raise ArgumentError("draft and lookup: use one or the other (pass draft=False to use lookup)")
+        draft_tokens = speculative.check_draft_tokens(self.draft_tokens if draft_tokens is None else draft_tokens)
+        return dict(params=params, max_new_tokens=max_new_tokens, stop=tuple(stop), lookup=lookup, draft=draft,
+                    draft_tokens=draft_tokens)
+
     def sampling_params(self, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
                         seed=None) -> SamplingParams:
         """Explicit values, else the model's generation defaults, else greedy."""
@@ -408,14 +492,14 @@ class Model:
             seed=seed).check()
 
 
+def fixed(dims: list, wanted: list) -> bool:
+    """A graph's dimensions are the wanted sizes, where they are fixed (a symbolic one matches anything)."""
+    return len(dims) == len(wanted) and all(not isinstance(d, int) or d == w for d, w in zip(dims, wanted))
+
+
 def is_batch(prompt) -> bool:
     """A batch is a list of prompts (str) or of chats (lists); a list of dicts is one chat."""
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
-
-
-def is_token_ids(prompt) -> bool:
-    """A prompt given as token ids: a non-empty list of ints."""
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, (int, np.integer)) for t in prompt)
 
 
 def prepack_cache_root(setting, provider: str) -> Path | None:

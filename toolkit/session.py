@@ -71,19 +71,26 @@ class ChatSession:
     def send(self, text: str, stream: bool = False, **options):
         """Add a user message and answer it: the answer's text, or with stream=True an iterator of its
         pieces (the turn is recorded when the iterator ends or is closed; a stopped answer is kept as far
-        as it got). Options override the session's defaults for this turn."""
+        as it got). Options override the session's defaults for this turn; literal_content=True keeps
+        special-token text in the message plain text (see Model.encode). A message or option that is
+        refused (ArgumentError, ContextOverflowError) leaves the conversation as it was."""
         if not isinstance(text, str) or not text:
             raise ArgumentError("message: expected a non-empty string")
-        pieces = self._turn(text, self.defaults | options)
+        options = self.defaults | options
+        literal = options.pop("literal_content", False)
+        self.model.check_options(**options)  # bad options raise here, before the turn starts
+        pieces = self._turn(text, options, literal)
         return pieces if stream else "".join(pieces)
 
-    def _turn(self, text: str, options: dict) -> Iterator[str]:
+    def _turn(self, text: str, options: dict, literal: bool) -> Iterator[str]:
         if not self._busy.acquire(blocking=False):
             raise ArgumentError("ChatSession.send: a turn is already in progress on this session")
         try:
             user = {"role": "user", "content": text}
-            ids = self._fit(user, options.get("max_new_tokens", 256))
+            ids, kept = self._fit(user, options.get("max_new_tokens", 256), literal)
             draft = self.model._draft_for(options.get("draft"))
+            self.dropped_turns += (len(self.messages) - len(kept)) // 2
+            self.messages = kept
             draft_cache = None
             if draft is not None:
                 if self._draft_model is not draft:
@@ -92,8 +99,8 @@ class ChatSession:
             cache = self._prefix.reuse(ids)
             done, stats, answer = [Completion("", ids)], Stats(), ""
             try:
-                for _, piece in self.model._run([ids], _collect=done, cache=cache, stats=stats,
-                                                **(options | {"draft": draft or False, "draft_cache": draft_cache})):
+                for _, piece in self.model.run([ids], collect=done, cache=cache, stats=stats,
+                                               **(options | {"draft": draft or False, "draft_cache": draft_cache})):
                     answer += piece
                     yield piece
             finally:  # also on Ctrl-C or a closed stream: remember what the model has seen and said
@@ -105,17 +112,18 @@ class ChatSession:
         finally:
             self._busy.release()
 
-    def _fit(self, user: dict, max_new_tokens) -> list[int]:
-        """Token ids of the conversation plus `user`, dropping the oldest turns until it fits."""
+    def _fit(self, user: dict, max_new_tokens, literal: bool) -> tuple[list[int], list[dict]]:
+        """Token ids of the conversation plus `user`, and the turns kept: the oldest are dropped until it fits
+        (self.messages is left as it is)."""
         limit = self.model.max_length
         reserve = min(max_new_tokens, limit // 2) if isinstance(max_new_tokens, int) else 1
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        kept = self.messages
         while True:
-            ids = self.model.encode(self.history + [user])
+            ids = self.model.encode(system + kept + [user], literal_content=literal)
             if len(ids) + reserve <= limit:
-                return ids
-            if not self.messages:
+                return ids, kept
+            if not kept:
                 raise ContextOverflowError(f"message: {len(ids)} tokens with the system prompt, and {reserve} "
                                            f"new tokens, do not fit max_length {limit}")
-            self.messages = self.messages[2:]  # the oldest user message and its answer
-            self.dropped_turns += 1
-
+            kept = kept[2:]  # the oldest user message and its answer
