@@ -47,6 +47,88 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
 
 
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def check_layout(path: Path) -> None:
+    """Walk a GGUF file's header (metadata and tensor infos) and refuse it unless every count and length fits
+    in the bytes that remain: a flipped length must not become a gigabyte allocation in the gguf package."""
+    import mmap
+    import struct
+
+    def fail(what: str):
+        raise ModelFolderError(f"{path}: not a readable GGUF file ({what})")
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            end = len(m)
+            if end < 24 or m[:4] != b"GGUF":
+                fail("no GGUF header")
+            order = "<" if 1 <= struct.unpack_from("<I", m, 4)[0] <= 3 else ">"
+            if not 2 <= struct.unpack_from(order + "I", m, 4)[0] <= 3:
+                fail("unsupported version")
+            pos = 8
+
+            def take(fmt: str):
+                nonlocal pos
+                size = struct.calcsize(fmt)
+                if pos + size > end:
+                    fail(f"cut short at byte {pos}")
+                value = struct.unpack_from(order + fmt, m, pos)
+                pos += size
+                return value[0] if len(value) == 1 else value
+
+            def need(count: int, each: int, what: str):
+                if count * each > end - pos:
+                    fail(f"{what} claims {count} items at byte {pos}, more than the file holds")
+
+            def string():
+                nonlocal pos
+                n = take("Q")
+                need(n, 1, "a string")
+                pos += n
+
+            def value(kind: int, depth: int = 0):
+                nonlocal pos
+                if kind in _SCALAR:
+                    need(1, _SCALAR[kind], "a value")
+                    pos += _SCALAR[kind]
+                elif kind == _STRING:
+                    string()
+                elif kind == _ARRAY and depth == 0:
+                    item, n = take("I"), take("Q")
+                    if item in _SCALAR:
+                        need(n, _SCALAR[item], "an array")
+                        pos += n * _SCALAR[item]
+                        return
+                    need(n, 8 if item == _STRING else 12, "an array")
+                    for _ in range(n):
+                        value(item, depth + 1)
+                else:
+                    fail(f"value type {kind} at byte {pos}")
+
+            tensors, kvs = take("Q"), take("Q")
+            need(kvs, 13, "the metadata")
+            for _ in range(kvs):
+                string()
+                value(take("I"))
+            need(tensors, 24, "the tensor list")
+            for _ in range(tensors):
+                string()
+                dims = take("I")
+                if dims > 8:
+                    fail(f"a tensor with {dims} dimensions")
+                need(dims, 8, "a tensor's shape")
+                pos += 8 * dims + 12
+                if pos > end:
+                    fail("tensor list cut short")
+    except OSError as e:
+        raise ModelFolderError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # mmap of an empty file
+        fail(one_line(e))
+
+
 class GGUFCheckpoint:
     """The same interface as checkpoint.Checkpoint (config, has, tensor, write_side_files) over one GGUF."""
 
@@ -54,6 +136,7 @@ class GGUFCheckpoint:
         from gguf import GGUFReader
 
         self.path = self.folder = Path(path)
+        check_layout(self.path)  # before the gguf package, which allocates for whatever counts the file claims
         try:
             self.reader = GGUFReader(self.path)
         except Exception as e:  # gguf raises ValueError / struct / numpy errors on a malformed file

@@ -302,3 +302,19 @@ def test_fuzz_gguf():
 def _cleanup():
     yield
     shutil.rmtree(WORK, ignore_errors=True)
+
+
+def test_gguf_count_beyond_the_file_is_refused_before_the_gguf_package_allocates():
+    """Found by fuzz_gguf: a metadata array whose count was overwritten made the gguf package allocate
+    ~350-960 MB before failing; export/gguf_checkpoint.check_layout now walks the header first."""
+    edits = [("truncate", 923, 0), ("truncate", 14011, 0), ("flip", 571, 229), ("truncate", 2952, 0),
+             ("truncate", 1601, 0), ("u64", 665, 16)]
+    path = WORK / "count.gguf"
+    path.write_bytes(mutate(GGUF, edits))
+    tracemalloc.start()
+    try:
+        with pytest.raises(QwenEdgeError, match="more than the file holds"):
+            open_checkpoint(path)
+        assert tracemalloc.get_traced_memory()[1] < 10 << 20
+    finally:
+        tracemalloc.stop()
