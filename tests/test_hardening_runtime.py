@@ -396,3 +396,21 @@ def test_a_stand_in_cannot_be_spoofed_by_content():
 def test_errors_are_query_able_as_one_base_class(model):
     with pytest.raises(QwenEdgeError):
         model.generate([10 ** 9])
+
+
+def test_extreme_sampling_values_are_refused_or_stay_finite():
+    """temperature 1e-300 used to give NaN probabilities (and pick the last candidate); absurd values are refused."""
+    import warnings
+
+    from toolkit.sampling import SamplingParams, make_sampler
+
+    logits = np.array([1.0, 3.0, 2.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow / invalid-value RuntimeWarning
+        draws = {make_sampler(SamplingParams(temperature=1e-300, seed=s).check())(logits, np.array([], np.int64))
+                 for s in range(5)}
+    assert draws == {1}
+    for bad in (dict(temperature=1e9), dict(temperature=float("nan")), dict(repetition_penalty=1e-300),
+                dict(repetition_penalty=float("inf"))):
+        with pytest.raises(ArgumentError):
+            SamplingParams(**bad).check()

@@ -24,14 +24,15 @@ class SamplingParams:
     seed: int | None = None
 
     def check(self) -> "SamplingParams":
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ArgumentError(f"temperature {self.temperature}: expected a number >= 0 (0 = greedy)")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+            raise ArgumentError(f"temperature {self.temperature}: expected a number from 0 (greedy) to 100")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ArgumentError(f"top_k {self.top_k}: expected an integer >= 0 (0 = no limit)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ArgumentError(f"top_p {self.top_p}: expected a number in (0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            raise ArgumentError(f"repetition_penalty {self.repetition_penalty}: expected a number > 0 (1 = off)")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.01 <= self.repetition_penalty <= 100:
+            raise ArgumentError(f"repetition_penalty {self.repetition_penalty}: expected a number from 0.01 to 100 "
+                                "(1 = off)")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ArgumentError(f"seed {self.seed}: expected an integer >= 0")
         return self
@@ -73,8 +74,8 @@ def candidates(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> 
     if params.temperature == 0:
         return np.array([int(np.argmax(logits))]), np.ones(1)
     ids = top_k_candidates(logits, params.top_k)
-    scaled = logits[ids].astype(np.float64) / params.temperature
-    probs = np.exp(scaled - scaled.max())
+    picked = logits[ids].astype(np.float64)
+    probs = np.exp((picked - picked.max()) / params.temperature)  # shift first: a tiny temperature gives 0s, not NaN
     return ids, apply_top_p(probs / probs.sum(), params.top_p)
 
 
