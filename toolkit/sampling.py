@@ -25,7 +25,7 @@ class SamplingParams:
 
     def check(self) -> "SamplingParams":
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
-            raise ArgumentError(f"temperature {self.temperature}: expected a number from 0 (greedy) to 100")
+            raise ArgumentError(f"temperature {self.temperature}: expected a number >= 0 (0 = greedy) and <= 100")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ArgumentError(f"top_k {self.top_k}: expected an integer >= 0 (0 = no limit)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
