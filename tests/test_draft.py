@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from toolkit.errors import ArgumentError
 from toolkit.generation import Row
 from toolkit.sampling import SamplingParams, candidates, distribution, draw, make_sampler
 
+from serving import wait_for_health
 from tiny import make_checkpoint, make_tokenizer
 
 EXE = str(Path(sys.executable).parent / "qwen-edge")
@@ -358,15 +358,7 @@ def test_cli_serve_with_draft(folders, models):
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_for_health(proc, url)
         history = [{"role": "user", "content": "hello there"}]
         for turn in range(2):
             body = {"model": "x", "messages": history, "temperature": 0, "max_tokens": 16}

@@ -18,6 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from starlette.testclient import TestClient  # noqa: E402
 
 import toolkit  # noqa: E402
+from serving import wait_for_health  # noqa: E402
 from toolkit.server import create_app  # noqa: E402
 from toolkit.server_worker import Job, Worker  # noqa: E402
 
@@ -44,17 +45,7 @@ def base(folder):
                              "--max-length", "512", "--threads", "1", "--max-tokens", "480", "--request-timeout", "60",
                              "--max-body", str(1 << 20)], stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start: {proc.stderr.read()}")
-        time.sleep(0.2)
+    wait_for_health(proc, url)
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -16,7 +16,7 @@ from toolkit.errors import ArgumentError, ModelFolderError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
 RUNS = {"cpu": ("cpu", "cuda", "dml"), "cuda": ("cuda",), "dml": ("dml",)}  # provider -> export devices
-CACHE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "dml": "dml"}  # provider -> OrtValue device type
+# a provider's name is also the OrtValue device type its KV cache buffers are allocated on
 
 
 def choose(provider: str, exported_for: str, folder) -> str:

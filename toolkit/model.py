@@ -188,7 +188,7 @@ class Model:
 
     def new_cache(self, batch: int = 1) -> KVCache:
         """An empty KV cache for `batch` sequences (it grows as needed up to max_length)."""
-        return KVCache(self.manifest["kv_cache"], batch, self.max_length, device=device.CACHE_DEVICE[self.provider])
+        return KVCache(self.manifest["kv_cache"], batch, self.max_length, device=self.provider)
 
     def forward(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray, cache: KVCache,
                 num_logits: int = 1) -> np.ndarray:
