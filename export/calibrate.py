@@ -4,6 +4,9 @@ matrix, from the float model run over calibration text (llama.cpp calls this the
 The model runs layer by layer in numpy, a few calibration sequences at a time, so only one layer's float
 weights and a bounded slice of activations are in memory at once. A channel that carries large activations
 makes its weight column's rounding error cost more at the output; `quantize(..., method="calibrated")` weighs the error that way.
+
+`sequential_pass` (--method compensated) runs the same model with each matrix quantized as soon as the
+Gram matrix of its input is known, GPTQ's "true sequential" order (export/compensate.py).
 """
 from importlib import resources
 
@@ -150,3 +153,94 @@ def kv_ranges(out: dict, p: str, k: np.ndarray, v: np.ndarray) -> None:
               f"{p}.self_attn.v_range": np.abs(v).max(axis=(0, 2))}
     for name, r in ranges.items():
         out[name] = np.maximum(out[name], r) if name in out else r
+
+
+GRAM_BLOCK = 1024  # wider inputs get H's lower triangle block by block (~60 % of the products), then mirrored
+
+
+def gram(xs) -> np.ndarray:
+    """H = Σ xᵀx [K, K] in float64 over activation chunks x [..., K], each product taken in float32."""
+    h = None
+    for x in xs:
+        x = x.reshape(-1, x.shape[-1])
+        k = x.shape[1]
+        if h is None:
+            h = np.zeros((k, k), np.float64)
+        if k <= 2 * GRAM_BLOCK:
+            h += x.T @ x
+            continue
+        for j in range(0, k, GRAM_BLOCK):
+            h[j:, j:j + GRAM_BLOCK] += x[:, j:].T @ x[:, j:j + GRAM_BLOCK]
+    if h is not None and len(h) > 2 * GRAM_BLOCK:
+        upper = np.triu_indices(len(h), 1)
+        h[upper] = h.T[upper]
+    return h
+
+
+def sequential_pass(ckpt, cfg, tokens: np.ndarray, quantize, progress=None) -> dict:
+    """The float model over the calibration tokens with each matrix quantized as soon as its input is known
+    ("true sequential", as GPTQ runs): `quantize(parts, h, weights, n_tokens)` gets the checkpoint names of
+    the matrices that read one input, that input's Gram matrix H = Σ xᵀx (float64 [K, K]) and the layer's
+    float32 weights, and replaces those matrices' weights in the dict with their dequantized values. So
+    per layer: q/k/v from the normed input; o_proj from the attention of the quantized q/k/v; gate/up from
+    the normed residual after the quantized attention; down_proj from the MLP's inner activations; then
+    the layer's output with all its quantized weights is the next layer's input. Last the lm_head (weights
+    None: `quantize` reads them) with H of the final normed hidden states.
+
+    One layer's weights and Gram matrices in memory at a time, the sequences through it CHUNK_SEQUENCES at
+    a time; the hidden states of all sequences are kept (and updated in place) between stages, and the
+    attention outputs of all (the same size) from o_proj's H until the residual step. Returns
+    the KV cache's channel ranges of the quantized model (see kv_ranges)."""
+    get = ckpt.tensor
+    H, eps, count = cfg.hidden_size, cfg.rms_norm_eps, int(tokens.size)
+    kv_range: dict[str, np.ndarray] = {}
+    ids, where = np.unique(tokens, return_inverse=True)
+    h = get("model.embed_tokens.weight", (cfg.vocab_size, H), ids)[where.reshape(tokens.shape)]  # [B, S, H]
+    cos, sin = rope_tables(tokens.shape[1], cfg)
+    chunks = [slice(s, s + CHUNK_SEQUENCES) for s in range(0, len(h), CHUNK_SEQUENCES)]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        att, mlp = f"{p}.self_attn", f"{p}.mlp"
+        w = layer_weights(get, cfg, p)
+
+        def norm1(x):
+            return rms_norm(x, w[f"{p}.input_layernorm.weight"], eps)
+
+        def norm2(x):
+            return rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
+
+        def attn(s, record_kv=None):
+            return attention(norm1(h[s]), lambda name, shape: w[name], att, cfg, cos, sin, record_kv)
+
+        def inner(x):  # the MLP's activations before down_proj
+            m = x @ w[f"{mlp}.gate_proj.weight"].T
+            m /= 1 + np.exp(-m)
+            m *= x @ w[f"{mlp}.up_proj.weight"].T
+            return m
+
+        quantize([f"{att}.{n}" for n in ("q_proj", "k_proj", "v_proj")], gram(norm1(h[s]) for s in chunks), w, count)
+
+        def attentions():  # kept for the residual step: the size of h
+            for s in chunks:
+                a[s] = attn(s, lambda k, v: kv_ranges(kv_range, p, k, v))
+                yield a[s]
+
+        a = np.empty((*h.shape[:2], cfg.num_attention_heads * cfg.head_dim), np.float32)
+        quantize([f"{att}.o_proj"], gram(attentions()), w, count)
+
+        def after_attention():
+            for s in chunks:
+                h[s] += a[s] @ w[f"{att}.o_proj.weight"].T
+                yield norm2(h[s])
+
+        quantize([f"{mlp}.gate_proj", f"{mlp}.up_proj"], gram(after_attention()), w, count)
+        a = None
+        quantize([f"{mlp}.down_proj"], gram(inner(norm2(h[s])) for s in chunks), w, count)
+        for s in chunks:
+            h[s] += inner(norm2(h[s])) @ w[f"{mlp}.down_proj.weight"].T
+        w = None  # before the next layer's are read
+        if progress:
+            progress(i + 1, cfg.num_hidden_layers)
+    final = (rms_norm(h[s], get("model.norm.weight", (H,)), eps) for s in chunks)
+    quantize(["model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"], gram(final), None, count)
+    return {name: np.maximum(r, 1e-6).astype(np.float32) for name, r in kv_range.items()}

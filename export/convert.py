@@ -3,7 +3,9 @@
 Four passes, each over the result of the one before:
     read       the config and the tensor index (headers only); side files (tokenizer, chat template)
     calibrate  (--method calibrated, --kv-cache int8) the float model over a text, one layer at a time:
-               input statistics of every matrix, and the KV cache's channel ranges
+               input statistics of every matrix, and the KV cache's channel ranges; with --method
+               compensated the model is quantized here instead, matrix by matrix (GPTQ, export/compensate.py),
+               its codes spilled to the partial folder for the store pass
     store      each tensor read, quantized and written to model.weights, then released (export/store.py)
     graphs     prefill.onnx and decode.onnx over the stored tensors, by name; then the manifest
 
@@ -49,12 +51,15 @@ PREQUANTIZED_SUPPORTED = True  # GPTQ / AWQ checkpoints are imported as they are
 
 
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
-           calibration: Path | None = None, calibration_sequences: int = 16, ops: str = "fast",
+           calibration: Path | None = None, calibration_sequences: int | None = None, ops: str = "fast",
            kv_cache: str = "float32", device: str = "cpu") -> Path:
     """Export checkpoint `src` (a Hugging Face folder or a GGUF file) to model folder `out`; return `out`.
 
     With spec.method == "calibrated", the float model first runs over `calibration` (a UTF-8 text file;
-    default: the text shipped in export/data) to weigh each matrix's rounding error by its activations.
+    default: the text shipped in export/data) to weigh each matrix's rounding error by its activations;
+    with "compensated" it runs with each matrix quantized by GPTQ as soon as its input is known.
+    calibration_sequences: how many 256-token slices of the text (default: 16, and for "compensated"
+    enough for twice the largest input dimension in tokens, `compensated_sequences`).
     ops "fast" uses onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, …); "portable" standard
     ONNX only (export/portable.py). kv_cache "int8" keeps the KV cache in int8 with per-channel scales
     calibrated on the same text (GroupQueryAttention's quantized cache; fast ops only). device "cuda" or
@@ -90,14 +95,18 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     with partial_folder(out) as tmp:
         ckpt.write_side_files(tmp)  # first: a checkpoint without a tokenizer fails before the long part
         check_side_files(tmp, src, cfg.vocab_size)
-        stats = None
-        if spec.method == "calibrated" or kv_cache == "int8":
-            stats = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences, log)
+        stats = spill = None
+        if spec.quantized and spec.method == "compensated":
+            spill, stats = compensate(tmp, ckpt, cfg, spec, calibration, calibration_sequences, log)
+        elif spec.method == "calibrated" or kv_cache == "int8":
+            stats = calibrate(tmp / "tokenizer.json", ckpt, cfg, calibration, calibration_sequences or 16, log)
         importance = stats if spec.method == "calibrated" else None
         t = time.time()
         store = write_store(tmp / WEIGHTS_FILE, ckpt, cfg, spec, target, qwen2.matrices(cfg), qwen2.vectors(cfg),
                             qwen2.constants(cfg, target, stats if kv_cache == "int8" else None), importance,
-                            report=progress_line, kv_cache=kv_cache)
+                            report=progress_line, kv_cache=kv_cache, spill=spill)
+        if spill is not None:
+            shutil.rmtree(spill.folder)
         log(f"{WEIGHTS_FILE}: {sum(store.file.nbytes.values()) / 1e6:.1f} MB in {time.time() - t:.1f} s")
         graphs = write_graphs(tmp, cfg, store, log)
         manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, store.summary() | {"imported": imported},
@@ -140,6 +149,55 @@ def calibrate(tokenizer_json: Path, ckpt, cfg, text_file: Path | None, sequences
         print(file=sys.stderr)  # end the progress line, also when calibration fails
     log(f"calibration: {tokens.shape[0]} sequences of {tokens.shape[1]} tokens in {time.time() - t:.1f} s")
     return stats
+
+
+SPILL_FOLDER = ".compensated"  # inside the partial folder: the compensated codes until the store pass
+
+
+def compensated_sequences(cfg, seq_len: int = 256) -> int:
+    """Default calibration slices for --method compensated: at least twice the largest input dimension
+    (K of down_proj: intermediate_size) in tokens, so each H = Σ xᵀx has full rank (0.5B: 38 × 256 =
+    9728 ≥ 2 × 4864), and never fewer than the 16 of calibrated."""
+    k = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim)
+    return max(16, -(-2 * k // seq_len))
+
+
+def compensate(tmp: Path, ckpt, cfg, spec: QuantSpec, text_file: Path | None, sequences: int | None, log):
+    """GPTQ over the calibration text (export/compensate.py): returns the Spill holding every compensated
+    matrix (in tmp/.compensated, deleted after the store pass) and the KV cache's channel ranges."""
+    from export.calibrate import default_text, sequential_pass, token_batches
+    from export.compensate import Compensator, Spill
+
+    text = default_text() if text_file is None else read_text_file(text_file, "--calibration")
+    tokens = token_batches(tmp / "tokenizer.json", text, max_sequences=sequences or compensated_sequences(cfg))
+    k = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim)
+    if tokens.size < k:
+        log(f"calibration: {tokens.size} tokens, fewer than the largest input dimension ({k}): the Gram matrices "
+            "are rank-deficient and only the damping keeps GPTQ stable; a longer --calibration text helps")
+    spill = Spill(tmp / SPILL_FOLDER)
+    compensator = Compensator(ckpt, cfg, spec, spill)
+    t = time.time()
+
+    def progress(done, total):
+        print(f"\rcompensating: layer {done}/{total} ({time.time() - t:.0f} s)", end="", file=sys.stderr, flush=True)
+
+    try:
+        stats = sequential_pass(ckpt, cfg, tokens, compensator, progress)
+    finally:
+        print(file=sys.stderr)
+    peak = peak_rss_mb()
+    log(f"compensated: {compensator.count} matrices over {tokens.shape[0]} sequences of {tokens.shape[1]} tokens "
+        f"in {time.time() - t:.1f} s" + ("" if peak is None else f", peak RSS {peak:.0f} MB"))
+    return spill, stats
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far in MB (None where the resource module is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
 def progress_line(line: str, final: bool) -> None:

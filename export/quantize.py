@@ -62,14 +62,15 @@ def check_divides(k: int, group_size: int, name: str = "K", role: str = "", opti
         raise ArgumentError(f"{option} {group_size} does not divide {name} = {k}{role}")
 
 
-METHODS = ("rtn", "search", "calibrated")
+METHODS = ("rtn", "search", "calibrated", "compensated")
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True, method: str = "rtn",
              importance: np.ndarray | None = None):
     """Group quantization of a [N, K] weight: round to nearest ("rtn"), or a per-group search for the
     scale (and zero point) with the least squared error ("search"; "calibrated" is the same search with
-    each input column's error weighted by `importance`, the mean square of its activation).
+    each input column's error weighted by `importance`, the mean square of its activation; "compensated"
+    is GPTQ over whole matrices, export/compensate.py, which picks each group's scale with this search).
 
     Returns (q, scales, zero_points): q uint8 [N, K/group, group] in [0, 2^bits-1], scales float32
     [N, K/group], zero_points uint8 [N, K/group] (the implicit 2^(bits-1) when symmetric).
@@ -180,11 +181,17 @@ def quantize_weight(w: np.ndarray, bits: int, group_size: int, symmetric: bool =
     parts = [quantize(w[r:r + rows], bits, group_size, symmetric, method, importance)
              for r in range(0, w.shape[0], rows)]
     q, scales, zero = (np.concatenate(p) for p in zip(*parts))
+    return pack(q, scales, zero, bits, symmetric)
+
+
+def pack(q: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool) -> QuantizedWeight:
+    """`quantize`'s (q, scales, zero_points) packed for MatMulNBits (zero points dropped when symmetric)."""
+    n, groups, group_size = q.shape
     packed = pack_nibbles(q) if bits == 4 else q
     zp = None
     if not symmetric:
         zp = pack_nibbles(zero) if bits == 4 else zero
-    return QuantizedWeight(packed, scales, zp, bits, group_size, tuple(w.shape))
+    return QuantizedWeight(packed, scales, zp, bits, group_size, (n, groups * group_size))
 
 
 def dequantize_weight(qw: QuantizedWeight) -> np.ndarray:

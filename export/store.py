@@ -112,12 +112,14 @@ class Progress:
 
 
 def write_store(path: Path, ckpt, cfg, spec: QuantSpec, backend: Fast, plan: list[Matrix], vectors: dict,
-                extra: dict, importance: dict | None = None, report=None, kv_cache: str = "float32") -> Store:
+                extra: dict, importance: dict | None = None, report=None, kv_cache: str = "float32",
+                spill=None) -> Store:
     """Write every tensor of `plan` (matrices), `vectors` ({checkpoint name: shape}, float32) and `extra`
     ({name: array}, e.g. RoPE tables) to the weights file at `path`; returns the closed Store.
 
     A checkpoint that is already quantized (export/prequantized.py: its `imported`) supplies the codes and
-    scales of its quantized Linears as they are; the rest follows the spec."""
+    scales of its quantized Linears as they are; the rest follows the spec. `spill` (export/compensate.py's
+    Spill, --method compensated) holds matrices already quantized: their codes are streamed from it."""
     store = Store(WeightFile(path), spec, backend, kv_cache)
     todo = {(m.name, backend.layout(spec.quantized, m.use)): m for m in reversed(plan)}.values()  # each blob once
     progress = Progress(sum(m.n * m.k for m in todo), sum(len(m.parts) for m in todo),
@@ -127,7 +129,7 @@ def write_store(path: Path, ckpt, cfg, spec: QuantSpec, backend: Fast, plan: lis
         for m in plan:
             key = (m.name, backend.layout(spec.quantized, m.use))
             if key not in written:
-                written[key] = _write_matrix(store, ckpt, cfg, m, key[1], importance or {}, progress)
+                written[key] = _write_matrix(store, ckpt, cfg, m, key[1], importance or {}, progress, spill)
             store.matrices[(m.name, m.use)] = written[key]
             if m.bias and f"{m.name}.bias" not in store.file:
                 store.add_float(f"{m.name}.bias", np.concatenate(
@@ -147,7 +149,8 @@ def _float(store: Store, ckpt, name: str, shape: tuple, rows: slice = slice(None
     return ckpt.tensor(name, shape, rows)
 
 
-def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dict, progress: Progress) -> Stored:
+def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dict, progress: Progress,
+                  spill=None) -> Stored:
     if kind in ("T", "table"):
         return _write_float(store, ckpt, m, kind, progress)
     imported = _imported(ckpt, m)
@@ -167,9 +170,14 @@ def _write_matrix(store: Store, ckpt, cfg, m: Matrix, kind: str, importance: dic
         def blocks(part: str, rows: int):
             """QuantizedWeights of row blocks of checkpoint matrix `part` [rows, k]."""
             method = spec.method
-            if method == "calibrated" and part not in importance:  # an untied embedding: no matmul input
-                method = "search"
             step = max(1, BLOCK_ELEMENTS // m.k)
+            if spill is not None and part in spill:  # compensated: quantized by the calibration pass
+                for qw in spill.blocks(part, step):
+                    yield qw
+                    progress.advance(qw.shape[0] * m.k)
+                return
+            if method in ("calibrated", "compensated") and part not in importance:  # an untied embedding:
+                method = "search"  # no matmul input
             for r in range(0, rows, step):
                 w = ckpt.tensor(f"{part}.weight", (rows, m.k), slice(r, min(rows, r + step)))
                 yield quantize_weight(w, bits, group, symmetric, method, importance.get(part))

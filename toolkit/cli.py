@@ -32,9 +32,11 @@ def cli():
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits compute of the int4 matrices: 0 exact float32, 4 int8 activations (faster on "
                    "CPU; the default at 4 bits); 8-bit matrices always use 4")
-@click.option("--method", type=click.Choice(["rtn", "search", "calibrated"]), default=None,
+@click.option("--method", type=click.Choice(["rtn", "search", "calibrated", "compensated"]), default=None,
               help="rtn: round to nearest; search: least-squares scale search per group; calibrated: the search "
-                   "weighted by activations of the float model on a calibration text "
+                   "weighted by activations of the float model on a calibration text; compensated: GPTQ, each "
+                   "matrix quantized column by column with the rounding error pushed onto the columns not yet "
+                   "quantized, layer by layer on the calibration text (slower export) "
                    "(default: calibrated at 4 bits, rtn at 8)")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
               help="bits of the lm_head (and of a tied embedding); default: 8")
@@ -45,7 +47,7 @@ def cli():
 @click.option("--embed-group-size", type=int, default=None,
               help="group size of an untied embedding; default: 64 at 4 bits, else --group-size")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
-              help="UTF-8 text for --method calibrated (default: the text shipped with qwen-edge)")
+              help="UTF-8 text for --method calibrated or compensated (default: the text shipped with qwen-edge)")
 @click.option("--ops", type=click.Choice(["fast", "portable"]), default="fast", show_default=True,
               help="fast: onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, ...); portable: standard "
                    "ONNX only (opset 21: DequantizeLinear, MatMul, standard attention)")
