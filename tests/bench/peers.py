@@ -5,10 +5,11 @@
 
 Every row is measured by a runner (tests/bench/peer_*.py) in its own process and virtualenv, with one
 contract: the same prompt token ids (the sample's chat template around a code-review request), greedy
-decoding of exactly --new-tokens tokens with end tokens ignored, and the same two texts scored in the same
-sliding windows against the same float32 reference log-probabilities (qwen-edge's --bits 32 export of the
-GGUF). A peer that cannot run still gets a row, saying why. Prints one markdown table (each figure also
-as a ratio to qwen-edge int4) and writes all results as JSON.
+decoding of exactly --new-tokens tokens with end tokens ignored, and the same three texts (prose, code,
+heldout; tests/data/README.md) scored in the same sliding windows against the same float32 reference
+log-probabilities (qwen-edge's --bits 32 export of the GGUF). A peer that cannot run still gets a row,
+saying why. Prints one markdown table (each figure also as a ratio to qwen-edge int4) and writes all
+results as JSON. tests/bench/front.py reuses TEXTS, prepare_inputs and the runners for the quality/speed front.
 """
 import argparse
 import datetime
@@ -32,7 +33,8 @@ from toolkit.evaluate import log_softmax, windows  # noqa: E402
 
 SAMPLE_GGUF = ROOT / "models" / "qwen2.5-coder-0.5b-instruct.gguf"
 SAMPLE_HF = ROOT / "models" / "qwen2.5-coder-0.5b-instruct-hf"
-TEXTS = {"prose": ROOT / "tests" / "data" / "prose.txt", "code": ROOT / "tests" / "data" / "code.txt"}
+TEXTS = {"prose": ROOT / "tests" / "data" / "prose.txt", "code": ROOT / "tests" / "data" / "code.txt",
+         "heldout": ROOT / "tests" / "data" / "heldout.txt"}  # heldout: a domain absent from the calibration text
 WINDOW, STRIDE = 512, 256
 BASELINE = "qwen-edge int4"
 
@@ -80,9 +82,10 @@ def export_ours(work: Path) -> None:
             export(SAMPLE_GGUF, out, spec, force=True, ops="portable" if variant.endswith("portable") else "fast")
 
 
-def prepare_inputs(work: Path) -> tuple[Path, dict]:
-    """prompt.json and, per text, windows.json + reference.npy (float32 log-probs of the fp32 export)."""
-    ref = toolkit.load(work / "qwen-edge-fp32", preload=False)
+def prepare_inputs(work: Path, reference: Path | None = None) -> tuple[Path, dict]:
+    """prompt.json and, per text of TEXTS, windows.json + reference.npy (float32 log-probs of the fp32 export:
+    `reference`, by default WORK/qwen-edge-fp32)."""
+    ref = toolkit.load(reference or work / "qwen-edge-fp32", preload=False)
     prompt = work / "prompt.json"
     ids = ref.encode([{"role": "user", "content": PROMPT_TEXT}])
     prompt.write_text(json.dumps({"ids": ids}))
@@ -137,10 +140,13 @@ COLUMNS = [  # header, getter, format, higher is better?
     ("decode tok/s", lambda r: r["decode_tok_s"]["median"], "{:.1f}", True),
     ("PPL prose", lambda r: r["scores"]["prose"]["ppl"], "{:.2f}", False),
     ("PPL code", lambda r: r["scores"]["code"]["ppl"], "{:.3f}", False),
+    ("PPL heldout", lambda r: r["scores"]["heldout"]["ppl"], "{:.2f}", False),
     ("KL prose", lambda r: r["scores"]["prose"]["kl_mean"], "{:.4f}", False),
     ("KL code", lambda r: r["scores"]["code"]["kl_mean"], "{:.4f}", False),
+    ("KL heldout", lambda r: r["scores"]["heldout"]["kl_mean"], "{:.4f}", False),
     ("top-1 prose", lambda r: 100 * r["scores"]["prose"]["top1"], "{:.1f} %", True),
     ("top-1 code", lambda r: 100 * r["scores"]["code"]["top1"], "{:.1f} %", True),
+    ("top-1 heldout", lambda r: 100 * r["scores"]["heldout"]["top1"], "{:.1f} %", True),
 ]
 
 
@@ -205,7 +211,7 @@ def main():
         results[row["label"]] = run_row(row, prompt, scores, args, args.work)
     header = (f"Machine: {machine()}. Date: {datetime.date.today()}. Prompt: {len(json.loads(prompt.read_text())['ids'])}"
               f" tokens, {args.new_tokens} greedy new tokens, {args.runs} runs (medians), {args.threads} threads. "
-              f"Texts: tests/data/prose.txt and code.txt, windows of {WINDOW} with stride {STRIDE}; KL and top-1 "
+              f"Texts: tests/data/prose.txt, code.txt and heldout.txt, windows of {WINDOW} with stride {STRIDE}; KL and top-1 "
               "against qwen-edge fp32. Ratios in parentheses are to qwen-edge int4.")
     print(header + "\n\n" + table(results))
     for variant, how in OURS.items():
