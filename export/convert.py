@@ -82,7 +82,7 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     ckpt = open_checkpoint(src)
     cfg = qwen2.Qwen2Config.from_dict(ckpt.config, str(src if src.is_file() else src / "config.json"))
     if spec.quantized:
-        spec = spec.fit(cfg.hidden_size)
+        spec = spec.fit(cfg.hidden_size, cfg.intermediate_size)
         check_group_sizes(cfg, spec)
     for name, shape in qwen2.expected_tensors(cfg).items():  # every missing or mis-shaped tensor, up front
         ckpt.check(name, shape)

@@ -207,6 +207,20 @@ def dequantize_weight(qw: QuantizedWeight) -> np.ndarray:
     return dequantize(q, qw.scales, zero)
 
 
+# --preset: three points of the int4 front measured on the sample (README, "The int4 front"). Every one is
+# asymmetric and GPTQ-compensated; they differ in group size and the lm_head's bits, i.e. in bytes read per
+# decoded token. "balanced" is the default: the point that beats onnxruntime-genai's int4 on speed and KL at once.
+PRESETS = {
+    "fast": dict(method="compensated", symmetric=False, group_size=128, lm_head_bits=4, lm_head_group_size=128,
+                 embed_group_size=64),
+    "balanced": dict(method="compensated", symmetric=False, group_size=64, lm_head_bits=4, lm_head_group_size=64,
+                     embed_group_size=64),
+    "accurate": dict(method="compensated", symmetric=False, group_size=32, lm_head_bits=8, lm_head_group_size=128,
+                     embed_group_size=64),
+}
+DEFAULT_PRESET = "balanced"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How an export stores its matrices: bits 4 or 8 (MatMulNBits), or 32 (float32, the reference).
@@ -244,30 +258,41 @@ class QuantSpec:
             raise ArgumentError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
 
     @classmethod
-    def recommended(cls, bits: int, **choices) -> "QuantSpec":
+    def recommended(cls, bits: int, preset: str | None = None, **choices) -> "QuantSpec":
         """The defaults of `qwen-edge export`, where a choice given as None is left to them.
 
-        int4: activation-calibrated search, asymmetric groups of 32, an int8 lm_head in groups of 128 and
-        an untied embedding in groups of 64 — on the sample this halves the KL divergence of plain
-        symmetric round-to-nearest g32 with an int8 lm_head, in fewer bytes (README, Fidelity) — all run
-        at MatMulNBits accuracy level 4 (int8 activations: 1.4x the decode speed of level 0 on the sample,
-        KL +0.4 %). int8: plain symmetric round-to-nearest, within 0.002 nats of float."""
-        defaults = {4: dict(method="calibrated", symmetric=False, lm_head_bits=8, lm_head_group_size=128,
-                            embed_group_size=64, accuracy_level=4),
-                    8: dict(method="rtn", symmetric=True)}.get(bits, {})
+        int4: the `preset` (PRESETS; default DEFAULT_PRESET), all at MatMulNBits accuracy level 4 (int8
+        activations: 1.4x the decode speed of level 0, KL +0.4 %). int8: plain symmetric round-to-nearest,
+        within 0.002 nats of float. A preset names int4 recipes only."""
+        if preset is not None and preset not in PRESETS:
+            raise ArgumentError(f"--preset {preset}: expected one of {', '.join(PRESETS)}")
+        if preset is not None and bits != 4:
+            raise ArgumentError(f"--preset {preset}: the presets are int4 recipes; expected --bits 4 (got {bits})")
+        defaults = {4: PRESETS[preset or DEFAULT_PRESET] | dict(accuracy_level=4),
+                    8: dict(method="rtn", symmetric=True, group_size=32)}.get(bits, {})
         given = {k: v for k, v in choices.items() if v is not None}
         if bits == 32:
             given.pop("group_size", None)
         defaulted = tuple(k for k in defaults if k.endswith("group_size") and k not in given)
         return cls(bits=bits, **(defaults | given), defaulted=defaulted)
 
-    def fit(self, k: int) -> "QuantSpec":
-        """This spec with each defaulted lm_head / embedding group size halved until it divides the hidden
-        size `k` (a small model's 64 is not a multiple of the default 128), never below group_size."""
+    def fit(self, hidden: int, intermediate: int | None = None) -> "QuantSpec":
+        """This spec with each defaulted group size halved until it fits a small model: the layers' group
+        until it divides the hidden and intermediate sizes, the lm_head / embedding groups until they
+        divide the hidden size (a tiny model's 64 is not a multiple of the default 128), never below the
+        layers' group."""
         changes = {}
+        if "group_size" in self.defaulted:
+            group = self.group_size
+            while group > 16 and (hidden % group or (intermediate or hidden) % group):
+                group //= 2
+            changes["group_size"] = group
+        floor = changes.get("group_size", self.group_size)
         for name in self.defaulted:
+            if name == "group_size":
+                continue
             group = getattr(self, name)
-            while group > self.group_size and k % group:
+            while group > floor and hidden % group:
                 group //= 2
             changes[name] = group
         return replace(self, **changes) if changes else self

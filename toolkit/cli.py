@@ -25,8 +25,14 @@ def cli():
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--bits", type=click.Choice(["4", "8", "32"]), default="4", show_default=True,
               help="4 or 8: MatMulNBits weights; 32: float32 (the reference)")
-@click.option("--group-size", type=int, default=32, show_default=True,
-              help="weights per scale along the input dimension (power of two, 16..256)")
+@click.option("--preset", type=click.Choice(["fast", "balanced", "accurate"]), default=None,
+              help="int4 recipe, a point of the measured front (README, \"The int4 front\"): fast = groups of 128 "
+                   "and an int4 lm_head (fewest bytes per token); balanced = groups of 64 and an int4 lm_head (the "
+                   "default); accurate = groups of 32 and an int8 lm_head (lowest KL, slowest). All are GPTQ-"
+                   "compensated and asymmetric; the options below override a preset's choices")
+@click.option("--group-size", type=int, default=None,
+              help="weights per scale along the input dimension (power of two, 16..256; default: the preset's at "
+                   "4 bits, 32 at 8)")
 @click.option("--asymmetric/--symmetric", default=None,
               help="per-group zero points or not (default: asymmetric at 4 bits, symmetric at 8)")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
@@ -37,13 +43,13 @@ def cli():
                    "weighted by activations of the float model on a calibration text; compensated: GPTQ, each "
                    "matrix quantized column by column with the rounding error pushed onto the columns not yet "
                    "quantized, layer by layer on the calibration text (slower export) "
-                   "(default: calibrated at 4 bits, rtn at 8)")
+                   "(default: the preset's, compensated, at 4 bits; rtn at 8)")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
-              help="bits of the lm_head (and of a tied embedding); default: 8")
+              help="bits of the lm_head (and of a tied embedding); default: the preset's at 4 bits, else --bits")
 @click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None,
               help="bits of an untied embedding table; default: --bits")
 @click.option("--lm-head-group-size", type=int, default=None,
-              help="group size of the lm_head (and of a tied embedding); default: 128 at 4 bits, else --group-size")
+              help="group size of the lm_head (and of a tied embedding); default: the preset's at 4 bits, else --group-size")
 @click.option("--embed-group-size", type=int, default=None,
               help="group size of an untied embedding; default: 64 at 4 bits, else --group-size")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
@@ -58,7 +64,7 @@ def cli():
               help="the execution provider the graphs are built for: cuda and dml get float16 activations and "
                    "KV cache (they also run, slower, on the CPU provider)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
-def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, lm_head_bits, embed_bits,
+def export_cmd(src, out, bits, preset, group_size, asymmetric, accuracy_level, method, lm_head_bits, embed_bits,
                lm_head_group_size, embed_group_size, calibration, ops, kv_cache, device, force):
     """Convert SRC (a Hugging Face Qwen2 folder or a GGUF file) into the model folder OUT."""
     try:
@@ -68,7 +74,7 @@ def export_cmd(src, out, bits, group_size, asymmetric, accuracy_level, method, l
                             "pip install 'qwen-edge[export]'") from None
     from pathlib import Path
 
-    spec = QuantSpec.recommended(int(bits), group_size=group_size, accuracy_level=accuracy_level,
+    spec = QuantSpec.recommended(int(bits), preset=preset, group_size=group_size, accuracy_level=accuracy_level,
                                  symmetric=None if asymmetric is None else not asymmetric, method=method,
                                  lm_head_bits=lm_head_bits and int(lm_head_bits),
                                  embed_bits=embed_bits and int(embed_bits), lm_head_group_size=lm_head_group_size,
