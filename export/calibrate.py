@@ -171,9 +171,9 @@ def gram(xs) -> np.ndarray:
             continue
         for j in range(0, k, GRAM_BLOCK):
             h[j:, j:j + GRAM_BLOCK] += x[:, j:].T @ x[:, j:j + GRAM_BLOCK]
-    if h is not None and len(h) > 2 * GRAM_BLOCK:
-        upper = np.triu_indices(len(h), 1)
-        h[upper] = h.T[upper]
+    if h is not None and len(h) > 2 * GRAM_BLOCK:  # the blocks below the diagonal mirrored above it
+        for j in range(0, len(h), GRAM_BLOCK):  # (no index arrays: a whole triangle's would take 16 B/element)
+            h[j:j + GRAM_BLOCK, j + GRAM_BLOCK:] = h[j + GRAM_BLOCK:, j:j + GRAM_BLOCK].T
     return h
 
 

@@ -32,47 +32,56 @@ DAMP = 0.01  # damping added to H's diagonal, as a fraction of its mean
 ACT_ORDER = False  # columns by descending activation with static groups (see `factor`)
 
 
-def inverse_factor(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+def inverse_factor(h: np.ndarray, damp: float = DAMP, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(U, dead): the upper Cholesky factor of the damped H⁻¹ (float32 [K, K]) and the mask of dead input
     channels (diag 0: never active in the calibration; their weights are zeroed). The damping is raised
     tenfold until the Cholesky factorization succeeds.
 
-    U comes from one Cholesky factorization of H flipped end to end: with J the reversal, JHJ = CCᵀ (C lower)
-    gives H = RRᵀ with R = JCJ upper, so H⁻¹ = R⁻ᵀR⁻¹ and U = R⁻¹ = J C⁻¹ J."""
-    h = np.array(h, dtype=np.float64)  # a copy: the caller's H is left as it was
-    diag = np.diagonal(h).copy()
-    dead = diag <= 0
-    h[dead, dead] = 1.0
-    k = len(h)
-    mean = float(np.mean(np.where(dead, 1.0, diag))) if k else 1.0
-    step = damp * mean
+    Three LAPACK calls (scipy) in one float64 K×K buffer, in place: H = LLᵀ (potrf), H⁻¹ from L (potri),
+    H⁻¹ = L'L'ᵀ (potrf), so U = L'ᵀ. They read and write the lower triangle only, so a failed factorization
+    is undone from the untouched upper one. With `overwrite` that buffer is `h` itself (symmetric: its
+    transpose is the Fortran-order array LAPACK wants), and a 7B's down_proj (K 18944) needs no second
+    2.9 GB matrix; else the caller's H is left as it was."""
+    from scipy.linalg import lapack
+
+    h = h if overwrite and h.dtype == np.float64 else np.array(h, dtype=np.float64)
+    a = h.T  # Fortran order, the same symmetric matrix
+    k = len(a)
     idx = np.arange(k)
+    diag = a[idx, idx].copy()
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean = float(np.mean(diag)) if k else 1.0
+    step = damp * mean
     while True:
-        h[idx, idx] += step
-        try:
-            c = np.linalg.cholesky(h[::-1, ::-1])
+        a[idx, idx] = diag + step
+        c, info = lapack.dpotrf(a, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
             break
-        except np.linalg.LinAlgError:
-            step *= 9  # total damping ×10
-            if step > 1e6 * mean:
-                raise
-    del h
-    u = lower_inverse(c.astype(np.float32))[::-1, ::-1]  # float32: the factorization needed float64, not this
-    return np.ascontiguousarray(np.triu(u)), dead
+        if info < 0 or step > 1e6 * mean:
+            raise np.linalg.LinAlgError(f"Cholesky factorization of H failed (LAPACK info {info})")
+        mirror_upper_to_lower(a)  # undo the partial factorization
+        step = max(step * 10, 1e-6 * mean)
+    c, info = lapack.dpotri(c, lower=1, overwrite_c=1)
+    if info == 0:
+        c, info = lapack.dpotrf(c, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Cholesky factorization of H⁻¹ failed (LAPACK info {info})")
+    u = c.T.astype(np.float32)  # upper, C order
+    del a, c, h
+    return u, dead
 
 
-def lower_inverse(c: np.ndarray) -> np.ndarray:
-    """Inverse of a lower-triangular matrix by halves ([[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]]):
-    matrix products only, half the time of a general inverse (numpy has no triangular one)."""
-    n = len(c)
-    if n <= 256:
-        return np.linalg.inv(c)
-    m = n // 2
-    a_inv, c_inv = lower_inverse(c[:m, :m]), lower_inverse(c[m:, m:])
-    out = np.zeros_like(c)
-    out[:m, :m], out[m:, m:] = a_inv, c_inv
-    out[m:, :m] = -(c_inv @ (c[m:, :m] @ a_inv))
-    return out
+def mirror_upper_to_lower(a: np.ndarray, block: int = 1024) -> None:
+    """Copy the strict upper triangle of square `a` onto its lower one, a block of columns at a time (index
+    arrays of a whole triangle would take 2 × 8 bytes per element)."""
+    k = len(a)
+    for j in range(0, k, block):
+        e = min(k, j + block)
+        a[e:, j:e] = a[j:e, e:].T
+        tile = a[j:e, j:e]
+        lower = np.tril_indices(e - j, -1)
+        tile[lower] = tile.T[lower]
 
 
 class Factor(NamedTuple):
@@ -84,13 +93,13 @@ class Factor(NamedTuple):
     order: np.ndarray | None  # act order: the columns by descending diag(H); None: in order
 
 
-def factor(h: np.ndarray, act_order: bool = False) -> Factor:
+def factor(h: np.ndarray, act_order: bool = False, overwrite: bool = False) -> Factor:
     """The Factor of H = Σ xᵀx [K, K] (float64). act_order processes the columns of largest activation first
     (while the most columns remain to absorb their error) with "static groups": every group's scale and
     zero point chosen up front on the weights as given, so the group layout stays MatMulNBits' (no g_idx)."""
-    diag = np.diagonal(h)
+    diag = np.diagonal(h).copy()
     order = np.argsort(-diag, kind="stable") if act_order else None
-    u, _ = inverse_factor(h if order is None else h[np.ix_(order, order)])
+    u, _ = inverse_factor(h if order is None else h[np.ix_(order, order)], overwrite=overwrite or order is not None)
     return Factor(u, diag.astype(np.float32), diag <= 0, order)
 
 
@@ -232,7 +241,7 @@ class Compensator:
     def __call__(self, parts: list[str], h: np.ndarray, weights: dict | None, tokens: int) -> None:
         """Quantize matrices `parts` (checkpoint names without .weight), whose input's Gram matrix over
         `tokens` tokens is `h`; their float weights are in `weights` (a layer's dict), or, when None, read
-        from the checkpoint in row chunks (the lm_head)."""
+        from the checkpoint in row chunks (the lm_head). `h` is consumed: factored in place."""
         k = h.shape[0]
         f = None
         imp = np.diagonal(h).astype(np.float32)
@@ -252,7 +261,7 @@ class Compensator:
                     qw = quantize_weight(w, bits, group, symmetric, "calibrated", imp / max(tokens, 1))
                 else:
                     if f is None:
-                        f = factor(h, self.act_order)
+                        f = factor(h, self.act_order, overwrite=True)  # H is not needed after this
                     qw = gptq(w, f, bits, group, symmetric, "calibrated")
                 write(r, qw)
                 if weights is not None:

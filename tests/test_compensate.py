@@ -125,7 +125,7 @@ def test_lm_head_is_read_compensated_and_spilled_in_row_chunks(monkeypatch, tmp_
     spec = QuantSpec(bits=4, group_size=16, symmetric=False, method="compensated", lm_head_bits=8,
                      lm_head_group_size=32)
     spill = Spill(tmp_path / ".compensated")
-    Compensator(ckpt, cfg, spec, spill)(["lm_head"], h, None, 512)
+    Compensator(ckpt, cfg, spec, spill)(["lm_head"], h.copy(), None, 512)  # it consumes its H
     assert [(s.start, s.stop) for s in ckpt.slices] == [(0, 100), (100, 200), (200, 300)]
     got = QuantizedWeightOf(spill.blocks("lm_head", 128))
     want = compensate(w, h, 8, 32, False)

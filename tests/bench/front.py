@@ -67,23 +67,26 @@ PEER_ROWS = [  # label, runner, variant, model (relative to the peers dir), venv
 # variants: export options -> the quantization the manifest will record
 def parse_options(options: str) -> dict:
     """What `qwen-edge export OPTIONS` records in its manifest's "quantization" (the CLI's defaults applied)."""
+    from export.quantize import QuantSpec
+
     ap = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None)
     ap.add_argument("--symmetric", dest="symmetric", action="store_true")
     ap.add_argument("--method", default=None)
     ap.add_argument("--accuracy-level", type=int, default=None)
-    ap.add_argument("--lm-head-bits", type=int, default=8)
+    ap.add_argument("--lm-head-bits", type=int, default=None)
     ap.add_argument("--lm-head-group-size", type=int, default=None)
     a, rest = ap.parse_known_args(shlex.split(options))
-    q = {"bits": a.bits, "group_size": a.group_size,
-         "symmetric": a.symmetric if a.symmetric is not None else a.bits != 4,
-         "method": a.method or ("calibrated" if a.bits == 4 else "rtn"),
-         "lm_head_bits": a.lm_head_bits,
-         "lm_head_group_size": a.lm_head_group_size or (128 if a.bits == 4 else a.group_size)}
+    spec = QuantSpec.recommended(a.bits, preset=a.preset, group_size=a.group_size, symmetric=a.symmetric,
+                                 method=a.method, accuracy_level=a.accuracy_level, lm_head_bits=a.lm_head_bits,
+                                 lm_head_group_size=a.lm_head_group_size)  # the CLI's defaults, from their source
+    q = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, "method": spec.method,
+         "lm_head_bits": spec.lm_head_bits or spec.bits, "lm_head_group_size": spec.lm_head_group_size or spec.group_size}
     if a.bits == 4:
-        q["accuracy_level"] = 4 if a.accuracy_level is None else a.accuracy_level
+        q["accuracy_level"] = spec.accuracy_level
     if a.bits == 32:
         q = {"bits": 32}
     q["_unchecked"] = rest  # options passed to export but not compared with a manifest
@@ -116,7 +119,7 @@ def short_label(name: str) -> str:
 
 def default_variants() -> dict:
     """name -> options: the current default, genai's recipe and the grid."""
-    opts = ["",  # the current default: calibrated, asymmetric g32, lm_head int8 g128
+    opts = ["",  # the current default (QuantSpec.recommended)
             "--method rtn --symmetric --group-size 32 --lm-head-bits 4 --lm-head-group-size 32"]  # genai's int4
     for method in ("calibrated", "compensated"):
         for sym in ("--asymmetric", "--symmetric"):
