@@ -19,7 +19,7 @@ if ! python -c "$CHECK" 2>/dev/null; then
     echo "setting up $VENV (qwen-edge[$EXTRAS]) ..." >&2
     pip_quiet --upgrade pip
     [[ "$EXTRAS" == *test* ]] && pip_quiet "torch==2.13.0"
-    pip_quiet -e "$ROOT[$EXTRAS]"
+    pip_quiet -c "$ROOT/scripts/constraints.txt" -e "$ROOT[$EXTRAS]"
     python -c "$CHECK"  # fail loudly if the install did not work
 fi
 cd "$ROOT"

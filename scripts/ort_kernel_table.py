@@ -2,11 +2,14 @@
 
     python scripts/ort_kernel_table.py OperatorKernels.md [--cpu-from-installed]
         [--source "where the markdown came from"] [--out tests/data/ort_kernels.json]
+    python scripts/ort_kernel_table.py --refresh-cpu [--out tests/data/ort_kernels.json]
 
 OperatorKernels.md is onnxruntime's docs/OperatorKernels.md (generated from the registered kernels
 of a build with every provider). Only the CPU, CUDA and DML providers are kept. With
 --cpu-from-installed the CPU rows come instead from the installed onnxruntime's own kernel
 registry, which is exact for the installed version (the markdown may be from another commit).
+--refresh-cpu keeps the snapshot's CUDA and DML rows and replaces only its CPU rows from the installed
+onnxruntime (a new CPU release, while the GPU packages stay on the version their rows describe).
 
 Rows are {"since": [first, last or null], "types": {constraint: [element types]}}, newest first;
 "tensor(float)" is written "float" and "seq(tensor(float))" "seq(float)". A provider that lists
@@ -115,15 +118,25 @@ def main() -> None:
     import onnxruntime
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("markdown", type=Path, help="onnxruntime's docs/OperatorKernels.md")
+    ap.add_argument("markdown", type=Path, nargs="?", help="onnxruntime's docs/OperatorKernels.md")
     ap.add_argument("--source", default="", help="where the markdown came from (repository, commit)")
     ap.add_argument("--cpu-from-installed", action="store_true",
                     help="take CPUExecutionProvider from the installed onnxruntime's kernel registry")
+    ap.add_argument("--refresh-cpu", action="store_true",
+                    help="keep --out's CUDA and DML rows; take CPUExecutionProvider from the installed onnxruntime")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    if args.refresh_cpu == (args.markdown is not None):
+        ap.error("give either OperatorKernels.md or --refresh-cpu")
 
-    providers = parse_markdown(args.markdown.read_text(encoding="utf-8"))
-    source = args.source or str(args.markdown)
+    if args.refresh_cpu:
+        old = json.loads(args.out.read_text(encoding="utf-8"))
+        providers = old["providers"]
+        source = old["source"].split("; CPUExecutionProvider from")[0]
+        args.cpu_from_installed = True
+    else:
+        providers = parse_markdown(args.markdown.read_text(encoding="utf-8"))
+        source = args.source or str(args.markdown)
     if args.cpu_from_installed:
         providers["CPUExecutionProvider"] = installed_kernels()
         source += f"; CPUExecutionProvider from the installed onnxruntime {onnxruntime.__version__} kernel registry"

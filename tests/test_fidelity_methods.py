@@ -112,11 +112,11 @@ def test_int8_matrices_default_to_the_fast_kernel(checkpoint, tmp_path):
 
 
 def test_lm_head_and_embedding_group_sizes(checkpoint, tmp_path):
-    """The default int4 spec asks for lm_head groups of 128 and embedding groups of 64; a model whose hidden
+    """The accurate preset asks for lm_head groups of 128 and embedding groups of 64; a model whose hidden
     size (64) they do not divide gets the largest power of two that does; explicit sizes are kept."""
     import onnx
 
-    spec = QuantSpec.recommended(4, method="rtn")
+    spec = QuantSpec.recommended(4, preset="accurate", method="rtn")
     assert (spec.lm_head_group_size, spec.embed_group_size) == (128, 64)
     folder = export(checkpoint("untied_bf16"), tmp_path / "d", spec, log=lambda m: None)
     q = toolkit.load(folder).manifest["quantization"]

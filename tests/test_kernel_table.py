@@ -96,7 +96,8 @@ def test_snapshot_matches_installed_onnxruntime():
     installed = ort.__version__.split(".")[:2]
     assert snapshot == installed, (
         f"tests/data/ort_kernels.json describes onnxruntime {'.'.join(snapshot)}, but {ort.__version__} is installed: "
-        "regenerate it from that release's docs/OperatorKernels.md with "
+        "refresh its CPU rows with `python scripts/ort_kernel_table.py --refresh-cpu` (and the pin in "
+        "scripts/constraints.txt), or regenerate it from that release's docs/OperatorKernels.md with "
         "`python scripts/ort_kernel_table.py OperatorKernels.md --cpu-from-installed --source '<repo and commit>'`")
 
 
