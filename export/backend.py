@@ -9,6 +9,8 @@ the target, so they read like the equations and a new target is a new Backend, n
                                          table; RoPE by RotaryEmbedding outside GroupQueryAttention (as
                                          onnxruntime-genai builds DirectML models)
     Portable()                           standard ONNX ops only (export/portable.py), float32
+    Fast(prefill="int8")                 CPU, float32: prompts of at least prefill_threshold tokens run their
+                                         matmuls on a stored int8 copy of each matrix (export/prefill_int8.py)
 
 What the backend decides: the stored layout of each matrix (with its precision), the element type of
 activations and of every float tensor stored (scales, biases, norm weights, RoPE tables), the norms, the
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export import portable, rope
+from export import portable, prefill_int8, rope
 from export.onnx_builder import FLOAT, FLOAT16, INT32, INT64, Graph
 
 MS = "com.microsoft"
@@ -33,6 +35,8 @@ class Fast:
 
     device: str = "cpu"
     activation: str = "float32"
+    prefill: str = "nbits"  # "int8": long prompts on the int8 copies (export/prefill_int8.py)
+    prefill_threshold: int = prefill_int8.DEFAULT_THRESHOLD  # tokens from which a call takes the int8 path
     ops = "fast"
 
     @property
@@ -146,14 +150,22 @@ def attention_lengths(g: Graph, attention_mask: str) -> tuple[str, str]:
     return seqlens, total
 
 
-def backend(ops: str = "fast", device: str = "cpu", activation: str | None = None):
-    """The Backend for an export's --ops, --device and activation type (None: float16 on a GPU, else float32).
-    Raises ValueError naming the option for a combination no backend builds."""
+def backend(ops: str = "fast", device: str = "cpu", activation: str | None = None, prefill: str = "nbits",
+            prefill_threshold: int = prefill_int8.DEFAULT_THRESHOLD):
+    """The Backend for an export's --ops, --device and activation type (None: float16 on a GPU, else float32),
+    and prefill ("nbits", or "int8": prompts of at least prefill_threshold tokens on int8 copies; fast CPU
+    float32 only). Raises ValueError naming the option for a combination no backend builds."""
     if device not in DEVICES:
         raise ValueError(f"--device {device}: expected one of {', '.join(DEVICES)}")
     activation = activation or ("float32" if device == "cpu" else "float16")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation}: expected one of {', '.join(ACTIVATIONS)}")
+    if prefill not in prefill_int8.MODES:
+        raise ValueError(f"--prefill {prefill}: expected one of {', '.join(prefill_int8.MODES)}")
+    if prefill == "int8" and (ops, device, activation) != ("fast", "cpu", "float32"):
+        raise ValueError("--prefill int8: onnxruntime's int8 GEMM on the CPU; expected --ops fast --device cpu")
+    if isinstance(prefill_threshold, bool) or not isinstance(prefill_threshold, int) or prefill_threshold < 2:
+        raise ValueError(f"--prefill-threshold {prefill_threshold}: expected an integer >= 2")
     if ops == "portable":
         if device != "cpu" or activation != "float32":
             raise ValueError("--ops portable: builds float32 graphs for the CPU; expected --device cpu")
@@ -162,4 +174,4 @@ def backend(ops: str = "fast", device: str = "cpu", activation: str | None = Non
         raise ValueError(f"--ops {ops}: expected fast or portable")
     if device == "cuda" and activation == "float32":
         raise ValueError("--device cuda: onnxruntime's CUDA GroupQueryAttention takes float16; expected float16")
-    return Fast(device, activation)
+    return Fast(device, activation, prefill, prefill_threshold)

@@ -9,7 +9,7 @@ are the backend's (export/backend.py).
 """
 import numpy as np
 
-from export import portable
+from export import portable, prefill_int8
 from export.onnx_builder import Graph
 from export.store import Store
 
@@ -26,11 +26,16 @@ def matmul_nbits(g: Graph, w: Store, name: str, use: str, x: str, n: int, k: int
                 block_size=s.group_size, accuracy_level=w.spec.accuracy_for(s.bits), out=out)
 
 
-def linear(g: Graph, w: Store, name: str, x: str, n: int, k: int, bias: bool = False) -> str:
+def linear(g: Graph, w: Store, name: str, x: str, n: int, k: int, bias: bool = False,
+           long: str | None = None) -> str:
     """x @ W.T (+ b) for the stored matrix `name` [n, k] (a checkpoint Linear, or several stacked along
-    rows that read the same input: x @ [W1; W2; …].T -> [..., n])."""
+    rows that read the same input: x @ [W1; W2; …].T -> [..., n]). `long` (prefill="int8", the prefill
+    graph): the bool value that sends a long prompt through the matrix's int8 copy (export/prefill_int8.py)."""
     b = g.weight(f"{name}.bias") if bias else None
     s = w.stored(name, "matmul")
+    if s.layout == "nbits" and long is not None:
+        return prefill_int8.switch(g, long, lambda: prefill_int8.int8_matmul(g, name, x, k, b),
+                                   lambda: matmul_nbits(g, w, name, "matmul", x, n, k, bias=b))
     if s.layout == "nbits":
         return matmul_nbits(g, w, name, "matmul", x, n, k, bias=b)
     if s.layout == "dq":

@@ -52,9 +52,15 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "weights_bytes": sum(stored["bytes"].values()),
             # a GPTQ / AWQ checkpoint's quantization, whose codes and scales were imported unchanged; else None
             "imported": stored.get("imported"),
+            # calibrated / compensated (or an int8 KV cache): {"text" (None: the shipped one), "sequences",
+            # "sequence_length"}; else None
+            "calibration": stored.get("calibration"),
         },
         "ops": backend.ops,  # "fast": onnxruntime contrib ops; "portable": standard ONNX only
         "device": backend.device,  # the execution provider the graphs are built for: cpu, cuda or dml
+        # "int8": prompts of at least `threshold` tokens run the layers' matmuls on stored int8 copies
+        "prefill": {"matmul": backend.prefill, "threshold": backend.prefill_threshold if backend.prefill == "int8"
+                    else None} if backend.ops == "fast" else None,
         "activation_dtype": backend.activation,  # float32, or float16 on a GPU (logits are float32 always)
         "weights_file": stored["file"],
         "graphs": {name: describe_graph(f"{name}.onnx", model) for name, model in graphs.items()},

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export import rope
+from export import prefill_int8, rope
 from export.layers import add_rms_norm, embedding, linear, lm_head, rms_norm
 from export.onnx_builder import FLOAT, INT8, INT64, Graph
 from export.store import Matrix, Store
@@ -230,11 +230,14 @@ def build(g: Graph, cfg: Qwen2Config, w: Store, seq: int | str) -> None:
     attention_mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
     num_logits = None if seq == 1 else g.input("num_logits", INT64, [1])
     context = w.backend.attention_context(g, cfg, input_ids, attention_mask)  # once per graph
+    long = None  # prefill="int8": whether this call's prompt takes the int8 path (export/prefill_int8.py)
+    if seq != 1 and w.backend.prefill == "int8" and w.spec.quantized:
+        long = prefill_int8.long_prompt(g, input_ids, w.backend.prefill_threshold)
     h = embedding(g, w, "model.embed_tokens", cfg.vocab_size, cfg.hidden_size, input_ids)
     delta = None  # the last block's output, added to the residual stream by the next norm
     for i in range(cfg.num_hidden_layers):
         with g.scope(f"layers.{i}"):
-            h, delta = decoder_layer(g, cfg, w, i, h, delta, context)
+            h, delta = decoder_layer(g, cfg, w, i, h, delta, context, long)
     with g.scope("final"):
         x, _ = add_rms_norm(g, w, "model.norm", cfg, delta, h)
         if num_logits is None:
@@ -258,35 +261,44 @@ def rope_tables(cfg: Qwen2Config) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decoder_layer(g: Graph, cfg: Qwen2Config, w: Store, i: int, h: str, delta: str | None,
-                  context: tuple) -> tuple[str, str]:
+                  context: tuple, long: str | None = None) -> tuple[str, str]:
     """Pre-norm residual block. The residual adds are folded into the norms: (h, delta) in, where the
-    stream is h + delta (delta None for the first layer), (h', delta') out."""
+    stream is h + delta (delta None for the first layer), (h', delta') out. `long`: see layers.linear."""
     p = f"model.layers.{i}"
     if delta is None:
         x = rms_norm(g, w, f"{p}.input_layernorm", cfg, h)
     else:
         x, h = add_rms_norm(g, w, f"{p}.input_layernorm", cfg, delta, h)
     with g.scope("attn"):
-        a = attention(g, cfg, w, i, x, context)
+        a = attention(g, cfg, w, i, x, context, long)
     x, h = add_rms_norm(g, w, f"{p}.post_attention_layernorm", cfg, a, h)
     with g.scope("mlp"):
-        return h, mlp(g, cfg, w, f"{p}.mlp", x)
+        return h, mlp(g, cfg, w, f"{p}.mlp", x, long)
 
 
-def mlp(g: Graph, cfg: Qwen2Config, w: Store, p: str, x: str) -> str:
-    """down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up as one stacked matmul.
+def mlp(g: Graph, cfg: Qwen2Config, w: Store, p: str, x: str, long: str | None = None) -> str:
+    """down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up as one stacked matmul (prefill="int8": a long
+    prompt's gate and up are two int8 matmuls, export/prefill_int8.py).
 
         x ──[gate; up]──► Split ─ gate ─► Sigmoid·Mul (SiLU) ──┐
                                 └ up ───────────────────────► Mul ──down_proj──►
     """
     H, I = cfg.hidden_size, cfg.intermediate_size
-    gate_up = linear(g, w, f"{p}.gate_up_proj", x, 2 * I, H)
-    gate, up = g.op_multi("Split", gate_up, n_out=2, axis=-1, num_outputs=2)
+
+    def stacked():
+        gate_up = linear(g, w, f"{p}.gate_up_proj", x, 2 * I, H)
+        return g.op_multi("Split", gate_up, n_out=2, axis=-1, num_outputs=2)
+
+    if long is None or w.stored(f"{p}.gate_up_proj", "matmul").layout != "nbits":
+        gate, up = stacked()
+    else:  # prefill="int8": a long prompt multiplies by the int8 copies of gate and up, no Split
+        gate, up = prefill_int8.switch(g, long, lambda: prefill_int8.gate_up(
+            g, (f"{p}.gate_proj", f"{p}.up_proj"), x, H), stacked, n_out=2)
     silu = g.op("Mul", gate, g.op("Sigmoid", gate))
-    return linear(g, w, f"{p}.down_proj", g.op("Mul", silu, up), H, I)
+    return linear(g, w, f"{p}.down_proj", g.op("Mul", silu, up), H, I, long=long)
 
 
-def attention(g: Graph, cfg: Qwen2Config, w: Store, i: int, x: str, context: tuple) -> str:
+def attention(g: Graph, cfg: Qwen2Config, w: Store, i: int, x: str, context: tuple, long: str | None = None) -> str:
     """Grouped-query self-attention with RoPE and the KV cache, in com.microsoft GroupQueryAttention.
 
         x ──[q; k; v] (+ bias)──► GroupQueryAttention ──► o_proj
@@ -299,7 +311,7 @@ def attention(g: Graph, cfg: Qwen2Config, w: Store, i: int, x: str, context: tup
     p = f"model.layers.{i}.self_attn"
     nh, kvh, D, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     past_k, past_v, present_k, present_v = kv_names(i)
-    qkv = linear(g, w, f"{p}.qkv_proj", x, (nh + 2 * kvh) * D, H, bias=True)
+    qkv = linear(g, w, f"{p}.qkv_proj", x, (nh + 2 * kvh) * D, H, bias=True, long=long)
     cache = INT8 if w.kv_cache == "int8" else w.backend.elem
     for name in (past_k, past_v):
         g.input(name, cache, ["batch", kvh, "past_sequence", D])
@@ -307,4 +319,4 @@ def attention(g: Graph, cfg: Qwen2Config, w: Store, i: int, x: str, context: tup
     y = w.backend.attention(g, cfg, qkv, kv_names(i), context, scales)
     for name in (present_k, present_v):
         g.output(name, cache, ["batch", kvh, "total_sequence", D])
-    return linear(g, w, f"{p}.o_proj", y, H, nh * D)
+    return linear(g, w, f"{p}.o_proj", y, H, nh * D, long=long)

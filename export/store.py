@@ -112,10 +112,11 @@ class Progress:
 
 
 def write_store(path: Path, ckpt, cfg, spec: QuantSpec, backend: Fast, plan: list[Matrix], vectors: dict,
-                extra: dict, importance: dict | None = None, report=None, kv_cache: str = "float32",
+                extra, importance: dict | None = None, report=None, kv_cache: str = "float32",
                 spill=None) -> Store:
     """Write every tensor of `plan` (matrices), `vectors` ({checkpoint name: shape}, float32) and `extra`
-    ({name: array}, e.g. RoPE tables) to the weights file at `path`; returns the closed Store.
+    ((name, array) pairs, e.g. RoPE tables; may be a generator) to the weights file at `path`; returns the
+    closed Store.
 
     A checkpoint that is already quantized (export/prequantized.py: its `imported`) supplies the codes and
     scales of its quantized Linears as they are; the rest follows the spec. `spill` (export/compensate.py's
@@ -136,7 +137,7 @@ def write_store(path: Path, ckpt, cfg, spec: QuantSpec, backend: Fast, plan: lis
                     [_float(store, ckpt, f"{part}.bias", (rows,)) for part, rows in m.parts]))
         for name, shape in vectors.items():
             store.add_float(name, _float(store, ckpt, name, shape))
-        for name, array in extra.items():
+        for name, array in extra:
             store.file.add(name, array)  # as computed (RoPE tables in the activations' type, KV scales)
     finally:
         store.file.close()

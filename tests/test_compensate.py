@@ -157,6 +157,7 @@ def test_compensated_export_tracks_the_oracle_better_than_calibrated(name, check
     works, and the logits on held-out prose are closer to transformers' float model than calibrated's."""
     from pathlib import Path
 
+    from export.calibrate import default_text, token_batches
     from test_graph import assert_greedy_follows_logits
 
     src = checkpoint(name)
@@ -169,6 +170,11 @@ def test_compensated_export_tracks_the_oracle_better_than_calibrated(name, check
         folder = export(src, tmp_path / method, spec, log=logs.append)
         model = toolkit.load(folder)
         assert model.manifest["quantization"]["method"] == method
+        # the shipped text, all of it that fits (compensated asks for 128 slices; calibrated for 16)
+        calibration = model.manifest["quantization"]["calibration"]
+        assert calibration["text"] is None and calibration["sequence_length"] == 256
+        available = token_batches(folder / "tokenizer.json", default_text(), max_sequences=1 << 20).shape[0]
+        assert calibration["sequences"] == min(available, {"calibrated": 16, "compensated": 128}[method])
         kl[method] = kl_to_oracle(folder, src, model.tokenizer.encode(text)[:400])
         if method == "compensated":
             assert any(line.startswith("compensated: ") and "peak RSS" in line for line in logs), logs
@@ -184,7 +190,9 @@ def test_compensated_export_with_an_int8_kv_cache(checkpoint, tmp_path):
 
     folder = export(checkpoint("tied_fp32"), tmp_path / "m", QuantSpec(bits=4, method="compensated"),
                     log=lambda m: None, calibration_sequences=4, kv_cache="int8")
-    assert_greedy_follows_logits(toolkit.load(folder))
+    model = toolkit.load(folder)
+    assert model.manifest["quantization"]["calibration"] == {"text": None, "sequences": 4, "sequence_length": 256}
+    assert_greedy_follows_logits(model)
 
 
 def test_cli_offers_compensated_and_refuses_unknown_methods(checkpoint, tmp_path):
