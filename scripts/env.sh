@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QWEN_EDGE_VENV:-$ROOT/.venv}"
 EXTRAS="${EXTRAS:-export,serve,test}"
 CHECK="import toolkit, export, onnx, gguf, safetensors, scipy"
-[[ "$EXTRAS" == *serve* ]] && CHECK="$CHECK, starlette, uvicorn"
+[[ "$EXTRAS" == *serve* ]] && CHECK="$CHECK, starlette, uvicorn, llguidance"
 [[ "$EXTRAS" == *test* ]] && CHECK="$CHECK, torch, transformers, pytest, openai, hypothesis"
 if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"

@@ -44,3 +44,15 @@ def exported(tmp_path_factory, checkpoint):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tools_folder(tmp_path_factory):
+    """A tiny random Qwen2 carrying Qwen2.5's real chat template (tools section included, tests/data) and 2,048
+    positions (a prompt with tools is long in the tiny vocabulary), exported in float32 once per session."""
+    from export import QuantSpec, export
+
+    template = (Path(__file__).parent / "data" / "qwen2.5_chat_template.jinja").read_text(encoding="utf-8")
+    folder = make_checkpoint(tmp_path_factory.mktemp("tools_ckpt"), tied=True, context=2048, chat_template=template)
+    out = tmp_path_factory.mktemp("exports") / "tools-32"
+    return export(folder, out, QuantSpec(32, 32, True, int8_accuracy_level=0), log=lambda m: None)

@@ -104,6 +104,7 @@ def test_existing_output_needs_force(checkpoint, tmp_path):
     (["--top-p", "0"], ["top_p 0.0", "(0, 1]"]),
     (["--top-p", "1.5"], ["top_p 1.5"]),
     (["--top-k", "-2"], ["top_k -2"]),
+    (["--min-p", "1.5"], ["min_p 1.5", "[0, 1]"]),
     (["--max-length", "8"], ["prompt:", "max_length 8"]),
     (["--max-new-tokens", "0"], ["max_new_tokens 0"]),
     (["--lookup", "4", "--temperature", "0.5"], ["lookup: needs one prompt and greedy decoding"]),

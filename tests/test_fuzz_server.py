@@ -71,7 +71,7 @@ def check_success(r, endpoint: str) -> None:
     else:
         answer = r.json()
         assert answer["object"] == ("chat.completion" if endpoint == "chat" else "text_completion")
-        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
 
 
 # -- strategies ----------------------------------------------------------------------------------------
@@ -92,8 +92,19 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
 roles = st.sampled_from(["system", "user", "assistant", "tool", "wizard", ""]) | json_values
 contents = (texts(60) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts(20)}),
                                              max_size=3) | json_values)
-messages = st.lists(st.fixed_dictionaries({"role": roles, "content": contents}, optional={"name": json_values}),
+calls = st.lists(st.fixed_dictionaries({"id": texts(5), "type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": texts(5), "arguments": texts(20) | json_values})}), max_size=2) | json_values
+messages = st.lists(st.fixed_dictionaries({"role": roles, "content": contents},
+                                          optional={"name": json_values, "tool_calls": calls}),
                     max_size=4) | json_values
+tools = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "bad name"])},
+    optional={"parameters": st.just({"type": "object", "properties": {"x": {"enum": [1, 2]}}}) | json_values,
+              "description": texts(10)})}), max_size=2) | json_values
+response_formats = (st.sampled_from([{"type": "json_object"}, {"type": "text"}])
+                    | st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+                        {"name": st.just("x"), "schema": st.just({"type": "boolean"}) | json_values})})
+                    | json_values)
 # per field: plausible values mostly, anything sometimes
 FIELDS = {
     "max_tokens": st.integers(-2, 12) | st.integers(min_value=-(10 ** 30), max_value=10 ** 30) | json_values,
@@ -113,6 +124,12 @@ FIELDS = {
     "echo": json_values,
     "logprobs": json_values,
     "suffix": json_values,
+    "min_p": st.floats(-0.5, 1.5) | json_values,
+    "tools": tools,
+    "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "function": {"name": "f"}}])
+    | json_values,
+    "parallel_tool_calls": st.booleans() | json_values,
+    "response_format": response_formats,
 }
 prompts = (texts(60) | st.lists(st.integers(-5, 400), max_size=8) | st.lists(texts(10), max_size=2)
            | json_values)

@@ -22,7 +22,7 @@ CORPUS = [
 ] * 20
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 300) -> Tokenizer:
+def make_tokenizer(folder: Path, vocab_size: int = 300, chat_template: str = CHATML) -> Tokenizer:
     tok = Tokenizer(models.BPE())  # Qwen2's: NFC, its split regex, then byte-level BPE
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
@@ -33,21 +33,23 @@ def make_tokenizer(folder: Path, vocab_size: int = 300) -> Tokenizer:
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+        "chat_template": chat_template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
         "model_max_length": 512, "tokenizer_class": "PreTrainedTokenizerFast"}))
     return tok
 
 
-def make_checkpoint(folder: Path, tied: bool, dtype: str = "float32", seed: int = 0, sharded: bool = False) -> Path:
-    """Write a 2-layer Qwen2 (hidden 64, 4 heads / 2 KV heads) with tokenizer files to `folder`."""
+def make_checkpoint(folder: Path, tied: bool, dtype: str = "float32", seed: int = 0, sharded: bool = False,
+                    context: int = 512, chat_template: str = CHATML) -> Path:
+    """Write a 2-layer Qwen2 (hidden 64, 4 heads / 2 KV heads, `context` positions) with tokenizer files to
+    `folder`."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(folder)
+    tok = make_tokenizer(folder, chat_template=chat_template)
     ids = {t: tok.token_to_id(t) for t in SPECIALS}
     cfg = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                       rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
                       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"], initializer_range=0.2)
     torch.manual_seed(seed)

@@ -6,9 +6,9 @@ bounds what it may allocate and compute, per render (`Budget`): every string or 
 16 × limit; an int argument over `limit` (a padding width, a range end) is refused before it is used; each
 call, filter and loop iteration is one of at most STEPS (plus 64 per message) steps; the output has at most
 `limit` characters.
-`limit` is 1 Mi plus twice the size of the messages and tools, so a long chat is never refused. Whatever goes
-wrong while rendering (also jinja2's own range limit, a recursion too deep, a TypeError) is one ArgumentError
-naming the chat template.
+`limit` is 1 Mi plus twice the size of the messages (their content and tool calls) and tools, so a long chat
+is never refused. Whatever goes wrong while rendering (also jinja2's own range limit, a recursion too deep, a
+TypeError) is one ArgumentError naming the chat template.
 """
 import json
 import re
@@ -202,7 +202,8 @@ class ChatTemplate:
 
     def render(self, messages: list, add_generation_prompt: bool = True, tools=None) -> str:
         check_messages(messages)
-        budget = Budget(sum(len(m["content"]) for m in messages) + (len(str(tools)) if tools else 0), len(messages))
+        size = sum(len(m["content"]) + (len(str(m["tool_calls"])) if m.get("tool_calls") else 0) for m in messages)
+        budget = Budget(size + (len(str(tools)) if tools else 0), len(messages))
         token = _budget.set(budget)
         try:
             out, length = [], 0

@@ -102,8 +102,13 @@ def model_options(f):
                         show_default=True)(f)
 
 
-def sampling_options(f):
+def sampling_options(f=None, max_new_tokens=256):
+    """The sampling options; `max_new_tokens`: the --max-new-tokens default (None: no cap)."""
+    if f is None:
+        return lambda f: sampling_options(f, max_new_tokens)
     for name, typ, text in (("--top-p", float, "nucleus sampling mass, in (0, 1]"),
+                            ("--min-p", float, "keep the tokens at least this many times as likely as the most "
+                                               "likely one, in [0, 1] (0: off)"),
                             ("--top-k", int, "keep the k most likely tokens (0: all)"),
                             ("--temperature", float, "0 is greedy (default: the model's generation_config)"),
                             ("--repetition-penalty", float, "1 is off"),
@@ -112,7 +117,11 @@ def sampling_options(f):
     f = click.option("--lookup", type=int, default=0, show_default=True,
                      help="greedy only: draft up to N tokens per step by prompt lookup, verified in one call "
                           "(same output, faster when the answer repeats the prompt, e.g. editing code)")(f)
-    return click.option("--max-new-tokens", type=int, default=256, show_default=True)(f)
+    if max_new_tokens is None:
+        return click.option("--max-new-tokens", type=int, default=None,
+                            help="cap the new tokens of each answer (default: none, an answer runs to its "
+                                 "end-of-turn token within --max-length)")(f)
+    return click.option("--max-new-tokens", type=int, default=max_new_tokens, show_default=True)(f)
 
 
 def draft_options(f):
@@ -145,13 +154,13 @@ def load_model(model, provider, threads, max_length, draft=None, draft_tokens=8,
 @click.option("--raw", is_flag=True, help="send PROMPT as is, without the chat template")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: token ids and text")
 @draft_options
-def generate(model, prompt, max_new_tokens, lookup, temperature, top_k, top_p, repetition_penalty, seed, stop, raw,
-             as_json, provider, threads, max_length, prepack_cache, draft, draft_tokens):
+def generate(model, prompt, max_new_tokens, lookup, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+             raw, as_json, provider, threads, max_length, prepack_cache, draft, draft_tokens):
     """Answer PROMPT with the model folder MODEL (streamed to stdout)."""
     check_draft_and_lookup(draft, lookup)
     m = load_model(model, provider, threads, max_length, draft, draft_tokens, prepack_cache)
     chat = prompt if raw else [{"role": "user", "content": prompt}]
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup)
     if as_json:
         c = m.complete([chat], **options)[0]
@@ -167,11 +176,11 @@ def generate(model, prompt, max_new_tokens, lookup, temperature, top_k, top_p, r
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=str))
-@sampling_options
+@sampling_options(max_new_tokens=None)
 @model_options
 @click.option("--system", default=None, help="system prompt")
 @draft_options
-def chat(model, max_new_tokens, lookup, temperature, top_k, top_p, repetition_penalty, seed, provider, threads,
+def chat(model, max_new_tokens, lookup, temperature, top_k, top_p, min_p, repetition_penalty, seed, provider, threads,
          max_length, prepack_cache, system, draft, draft_tokens):
     """Chat with MODEL in the terminal: streaming, multi-turn memory; /reset, /system, /stats, /exit."""
     from toolkit.chat import run_chat
@@ -179,7 +188,7 @@ def chat(model, max_new_tokens, lookup, temperature, top_k, top_p, repetition_pe
     check_draft_and_lookup(draft, lookup)
     m = load_model(model, provider, threads, max_length, draft, draft_tokens, prepack_cache)
     run_chat(m, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-             repetition_penalty=repetition_penalty, seed=seed, lookup=lookup)
+             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, lookup=lookup)
 
 
 @cli.command()

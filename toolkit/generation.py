@@ -48,22 +48,25 @@ class Completion:
 
 class Row:
     """One sequence of a generation: its sampler, the ids seen (for the repetition penalty and prompt
-    lookup), its text stream and stop state; `take(token)` records a chosen token."""
+    lookup), its text stream and stop state, and its grammar matcher if its output is constrained
+    (toolkit/constrained.py: the logits are masked before sampling); `take(token)` records a chosen token."""
 
     def __init__(self, prompt: list[int], eos_ids: frozenset, tokenizer, stop: tuple, collect: Completion | None,
-                 sampler):
-        self.eos_ids, self.collect, self.sampler = eos_ids, collect, sampler
+                 sampler, matcher=None):
+        self.eos_ids, self.collect, self.sampler, self.matcher = eos_ids, collect, sampler, matcher
         self.stream = TextStream(tokenizer, stop)
         self.seen = list(prompt)
         self.alive = True
 
     def sample(self, logits: np.ndarray, then: list[int] = ()) -> int:
         """The next token given `logits`, after the tokens seen (and `then`, tokens assumed to follow)."""
+        if self.matcher is not None:
+            logits = self.matcher.mask(logits)
         return self.sampler(logits, np.asarray(self.seen + list(then), dtype=np.int64))
 
     def take(self, token: int) -> tuple[int, str]:
-        """Record `token`; returns it and the text that became final. An end token or a stop string ends
-        the row (finish_reason "stop")."""
+        """Record `token`; returns it and the text that became final. An end token, a stop string or a
+        grammar that is complete ends the row (finish_reason "stop")."""
         if self.collect is not None:
             self.collect.token_ids.append(token)
         if token in self.eos_ids:
@@ -72,6 +75,12 @@ class Row:
             return token, self.stream.flush()
         self.seen.append(token)
         piece = self.stream.push(token)
+        if self.matcher is not None:
+            self.matcher.consume(token)
+            if self.matcher.done and not self.stream.stopped:
+                self.alive = False
+                self._finish("stop")
+                return token, piece + self.stream.flush()
         if self.stream.stopped:
             self.alive = False
             self._finish("stop")

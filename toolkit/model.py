@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from toolkit.chat_template import ChatTemplate
+from toolkit.constrained import compile_constraint
 from toolkit.errors import ArgumentError, ContextOverflowError, ModelFolderError
 from toolkit.generation import Completion, Row, Stats, prompt_lookup
 from toolkit.kv_cache import KVCache
@@ -30,6 +31,7 @@ from toolkit.manifest import Manifest, layer_name, read_manifest
 from toolkit.sampling import SamplingParams, make_sampler
 from toolkit import device, prepack_cache, speculative
 from toolkit.tokenizer import Tokenizer
+from toolkit.tool_spec import tool_messages
 
 MAX_STOPS, MAX_STOP_LENGTH = 16, 1000  # stop strings per call, characters per stop string
 
@@ -200,14 +202,16 @@ class Model:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def encode(self, prompt, chat: bool | None = None, literal_content: bool = False) -> list[int]:
+    def encode(self, prompt, chat: bool | None = None, literal_content: bool = False, tools=None) -> list[int]:
         """Token ids of a prompt: a str is used as is (unless chat=True), a message list goes
         through the chat template, a list of ints is taken as token ids (each checked against the vocabulary).
 
         Special-token text (<|im_start|> …) in a str or in the template's output becomes the control token, as
         transformers and llama.cpp's server do. literal_content=True keeps it plain text inside the content of
         user and tool messages, so that what a user types cannot open or close turns (the template's own
-        tokens stay control tokens; see ChatTemplate.render_pieces)."""
+        tokens stay control tokens; see ChatTemplate.render_pieces). An assistant message's tool_calls may be in
+        OpenAI's form (arguments a JSON string; toolkit/tool_spec.py). tools: a chat's tools, in the form the
+        chat template takes (tool_spec.check_tools checks OpenAI's)."""
         if isinstance(prompt, list) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             return self.check_ids(prompt)
         if isinstance(prompt, str) and not chat:
@@ -215,12 +219,12 @@ class Model:
         if not isinstance(prompt, (str, list)):
             raise ArgumentError(f"prompt: expected a str, a list of messages or a list of token ids, got "
                                 f"{type(prompt).__name__}")
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else tool_messages(prompt)
         if self.chat_template is None:
             raise ModelFolderError(f"{self.manifest.folder}: the model has no chat template; pass raw text")
         if literal_content:
-            return self.tokenizer.encode_pieces(self.chat_template.render_pieces(messages))
-        return self.tokenizer.encode(self.chat_template.render(messages))
+            return self.tokenizer.encode_pieces(self.chat_template.render_pieces(messages, tools=tools))
+        return self.tokenizer.encode(self.chat_template.render(messages, tools=tools))
 
     def check_ids(self, ids, what: str = "prompt") -> list[int]:
         """Token ids as a list of ints, each in [0, vocab_size); ArgumentError naming the first bad one."""
@@ -251,12 +255,25 @@ class Model:
         for _, piece in self.run([self.encode(prompt, literal_content=literal_content)], **kwargs):
             yield piece
 
-    def chat(self, messages: list[dict], stream: bool = False, **kwargs):
+    def chat(self, messages: list[dict], stream: bool = False, tools=None, tool_choice="auto",
+             parallel_tool_calls: bool = True, **kwargs):
         """Answer a chat (a list of {"role", "content"}): the text, or with stream=True an iterator of
         its pieces. Each call prefills the whole chat; a ChatSession (`model.chat_session()`) keeps the
-        KV cache between turns instead. Options as in `complete`."""
+        KV cache between turns instead. Options as in `complete`.
+
+        tools (OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}]) are
+        rendered by the chat template, and the answer is a ToolAnswer (content, tool_calls, errors,
+        finish_reason "tool_calls" when it calls), or with stream=True an iterator of content pieces (str)
+        and finished ToolCalls; tool_choice and parallel_tool_calls as in OpenAI's API (toolkit/tool_spec.py).
+        Append `answer.message()` and {"role": "tool", "content": result} messages to continue."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ArgumentError("messages: expected a list of {'role': ..., 'content': ...} dicts")
+        if tools is not None:
+            from toolkit.tool_chat import chat_with_tools
+
+            return chat_with_tools(self, messages, stream, tools, tool_choice, parallel_tool_calls, **kwargs)
+        if tool_choice != "auto" or parallel_tool_calls is not True:
+            raise ArgumentError("tool_choice, parallel_tool_calls: need tools")
         return self.stream(messages, **kwargs) if stream else self.generate(messages, **kwargs)
 
     def chat_session(self, system: str | None = None, **defaults):
@@ -265,14 +282,21 @@ class Model:
 
         return ChatSession(self, system=system, **defaults)
 
-    def complete(self, prompts: list, max_new_tokens: int = 256, temperature: float | None = None,
+    def complete(self, prompts: list, max_new_tokens: int | None = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, stop=(), lookup: int = 0, draft=None, draft_tokens: int | None = None,
-                 literal_content: bool = False) -> list[Completion]:
+                 literal_content: bool = False, min_p: float | None = None, grammar: str | None = None,
+                 json_schema=None) -> list[Completion]:
         """Generate for a list of prompts (str, message lists, or lists of token ids) as one batch.
 
-        Sampling options default to the model's generation_config; temperature 0 is greedy. Generation
-        of a sequence ends at any of the model's end tokens, at a `stop` string, or after max_new_tokens.
+        Sampling options default to the model's generation_config; temperature 0 is greedy; min_p keeps the
+        tokens at least min_p times as likely as the most likely one (toolkit/sampling.py). Generation
+        of a sequence ends at any of the model's end tokens, at a `stop` string, or after max_new_tokens
+        (None: up to the context's end).
+        grammar (a Lark grammar in llguidance's dialect) or json_schema (a dict or its JSON text) constrains
+        the output: it always follows the grammar or validates against the schema, unless max_new_tokens cuts
+        it first (finish_reason "length"); needs llguidance (toolkit/constrained.py). A constrained call
+        decodes without a draft model (the model's own is skipped) and refuses lookup.
         lookup=N (one prompt, greedy only) drafts up to N tokens per step by prompt lookup and verifies
         them in one call: the same tokens as plain greedy, faster when the answer repeats its context
         (editing code, quoting).
@@ -289,7 +313,7 @@ class Model:
         ids = [self.encode(p, literal_content=literal_content) for p in prompts]
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup, draft=draft,
-                       draft_tokens=draft_tokens)
+                       draft_tokens=draft_tokens, min_p=min_p, grammar=grammar, json_schema=json_schema)
         out = [Completion("", p) for p in ids]
         for row, piece in self.run(ids, collect=out, **options):
             out[row].text += piece
@@ -298,7 +322,8 @@ class Model:
     def run(self, prompts: list[list[int]], max_new_tokens=256, temperature=None, top_k=None, top_p=None,
             repetition_penalty=None, seed=None, stop=(), lookup: int = 0, draft=None, draft_tokens=None,
             collect: list[Completion] | None = None, cache: KVCache | None = None,
-            draft_cache: KVCache | None = None, stats: Stats | None = None) -> Iterator[tuple[int, str]]:
+            draft_cache: KVCache | None = None, stats: Stats | None = None, min_p=None, grammar=None,
+            json_schema=None) -> Iterator[tuple[int, str]]:
         """The public low-level generation API (what `complete`, `stream`, ChatSession and the server use):
         generate for a batch of prompts given as token ids, yielding (row, text piece) as tokens are decoded.
 
@@ -315,13 +340,13 @@ class Model:
             raise ArgumentError("prompts: expected a non-empty list of token-id lists")
         prompts = [self.check_ids(p) for p in prompts]
         o = self.check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, lookup,
-                               draft, draft_tokens)
-        params, lookup, draft, stop = o["params"], o["lookup"], o["draft"], o["stop"]
+                               draft, draft_tokens, min_p=min_p, grammar=grammar, json_schema=json_schema)
+        params, lookup, draft, stop, constraint = o["params"], o["lookup"], o["draft"], o["stop"], o["constraint"]
         longest = max(len(p) for p in prompts)
         if longest >= self.max_length:
             raise ContextOverflowError(f"prompt: {longest} tokens do not fit max_length {self.max_length} "
                                        "(leave room for at least one new token)")
-        max_new_tokens = min(o["max_new_tokens"], self.max_length - longest)
+        max_new_tokens = min(o["max_new_tokens"] or self.max_length, self.max_length - longest)
         stats = stats if stats is not None else Stats()
         stats.prompt_tokens = longest
 
@@ -337,7 +362,8 @@ class Model:
             raise ArgumentError(f"cache: holds {cache.length} positions; expected one prompt of more tokens")
         # one generator per row (seed + row): rows of a batch draw independently and reproducibly
         rows = [Row(prompts[r], self.eos_ids, self.tokenizer, stop, collect[r] if collect else None,
-                    make_sampler(params if params.seed is None else replace(params, seed=params.seed + r)))
+                    make_sampler(params if params.seed is None else replace(params, seed=params.seed + r)),
+                    constraint and constraint.matcher())
                 for r in range(batch)]
         t = time.perf_counter()
         if cache is not None:
@@ -455,15 +481,18 @@ class Model:
         return logits[:, 0] if one_token else logits
 
     def check_options(self, max_new_tokens=256, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                      seed=None, stop=(), lookup=0, draft=None, draft_tokens=None) -> dict:
+                      seed=None, stop=(), lookup=0, draft=None, draft_tokens=None, min_p=None, grammar=None,
+                      json_schema=None) -> dict:
         """Check generation options (as `complete` takes them) without generating: ArgumentError naming the
-        first bad one, else their values (params: SamplingParams, max_new_tokens, stop: a tuple, lookup,
-        draft: a Model or None, draft_tokens). `run` calls it; ChatSession calls it before changing anything."""
-        params = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
+        first bad one, else their values (params: SamplingParams, max_new_tokens (None: up to the context),
+        stop: a tuple, lookup, draft: a Model or None, draft_tokens, constraint: a constrained.Constraint or
+        None). `run` calls it; ChatSession calls it before changing anything."""
+        params = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed, min_p)
         if type(lookup) is not int or not 0 <= lookup <= 64:
             raise ArgumentError(f"lookup {lookup!r:.40}: expected an integer from 0 (off) to 64 draft tokens")
-        if type(max_new_tokens) is not int or max_new_tokens < 1:
-            raise ArgumentError(f"max_new_tokens {max_new_tokens!r:.40}: expected an integer >= 1")
+        if max_new_tokens is not None and (type(max_new_tokens) is not int or max_new_tokens < 1):
+            raise ArgumentError(f"max_new_tokens {max_new_tokens!r:.40}: expected an integer >= 1 (or None: up to "
+                                "the context's end)")
         stop = (stop,) if isinstance(stop, str) else () if stop is None else stop
         if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOPS or not all(
                 isinstance(s, str) and len(s) <= MAX_STOP_LENGTH for s in stop):
@@ -471,15 +500,20 @@ class Model:
                                 f"at most {MAX_STOP_LENGTH} characters")
         if lookup and params.temperature != 0:
             raise ArgumentError("lookup: needs one prompt and greedy decoding (temperature 0)")
-        draft = self._draft_for(draft)
+        constraint = compile_constraint(self, grammar, json_schema)
+        if constraint is not None and (lookup or isinstance(draft, Model)):
+            raise ArgumentError(f"{'grammar' if grammar is not None else 'json_schema'}: constrained output decodes "
+                                f"without {'lookup' if lookup else 'a draft model'} (drafts are not checked against "
+                                "the grammar)")
+        draft = None if constraint is not None else self._draft_for(draft)  # not the model's own draft either
         if draft is not None and lookup:
             raise ArgumentError("draft and lookup: use one or the other (pass draft=False to use lookup)")
         draft_tokens = speculative.check_draft_tokens(self.draft_tokens if draft_tokens is None else draft_tokens)
         return dict(params=params, max_new_tokens=max_new_tokens, stop=tuple(stop), lookup=lookup, draft=draft,
-                    draft_tokens=draft_tokens)
+                    draft_tokens=draft_tokens, constraint=constraint)
 
     def sampling_params(self, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                        seed=None) -> SamplingParams:
+                        seed=None, min_p=None) -> SamplingParams:
         """Explicit values, else the model's generation defaults, else greedy."""
         d = self.defaults
         if temperature is None:
@@ -488,6 +522,7 @@ class Model:
             temperature=temperature,
             top_k=d.get("top_k", 0) if top_k is None else top_k,
             top_p=d.get("top_p", 1.0) if top_p is None else top_p,
+            min_p=d.get("min_p", 0.0) if min_p is None else min_p,
             repetition_penalty=d.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
             seed=seed).check()
 

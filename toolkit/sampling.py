@@ -1,7 +1,10 @@
 """Choosing the next token from logits: small pure functions chained by `make_sampler` (as mlx-lm does).
 
-Temperature 0 means greedy (argmax). Sampling narrows the vocabulary with top-k (argpartition, no full
-sort) and top-p before drawing from a seeded numpy Generator, so the same seed gives the same tokens.
+Temperature 0 means greedy (argmax). Sampling narrows the vocabulary in this order: repetition penalty, top-k
+(argpartition, no full sort), temperature, min-p (keep the tokens at least min_p times as likely as the most
+likely one, on the tempered probabilities as transformers does; llama.cpp applies it before the temperature),
+top-p (on the renormalised min-p set: min-p first leaves top-p fewer tokens to sort); then it draws from a
+seeded numpy Generator, so the same seed gives the same tokens.
 `distribution` returns the processed probability vector itself, which speculative sampling with a draft
 model compares between the two models (toolkit/speculative.py).
 """
@@ -20,6 +23,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
+    min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0
     seed: int | None = None
 
@@ -30,6 +34,8 @@ class SamplingParams:
             raise ArgumentError(f"top_k {self.top_k}: expected an integer >= 0 (0 = no limit)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ArgumentError(f"top_p {self.top_p}: expected a number in (0, 1]")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise ArgumentError(f"min_p {self.min_p}: expected a number in [0, 1] (0 = off)")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0.01 <= self.repetition_penalty <= 100:
             raise ArgumentError(f"repetition_penalty {self.repetition_penalty}: expected a number from 0.01 to 100 "
                                 "(1 = off)")
@@ -67,16 +73,27 @@ def apply_top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
     return out / out.sum()
 
 
+def apply_min_p(ids: np.ndarray, probs: np.ndarray, min_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the tokens whose probability is at least min_p times the largest; renormalise."""
+    if min_p <= 0:
+        return ids, probs
+    keep = probs >= min_p * probs.max()
+    kept = probs[keep]
+    return ids[keep], kept / kept.sum()
+
+
 def candidates(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """What a sampling draw chooses from, after the repetition penalty, temperature, top-k and top-p: (token
-    ids, their probabilities, float64, summing to 1). Temperature 0 (greedy): the argmax with probability 1."""
+    """What a sampling draw chooses from, after the repetition penalty, top-k, temperature, min-p and top-p:
+    (token ids, their probabilities, float64, summing to 1). Temperature 0 (greedy): the argmax with
+    probability 1."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return np.array([int(np.argmax(logits))]), np.ones(1)
     ids = top_k_candidates(logits, params.top_k)
     picked = logits[ids].astype(np.float64)
     probs = np.exp((picked - picked.max()) / params.temperature)  # shift first: a tiny temperature gives 0s, not NaN
-    return ids, apply_top_p(probs / probs.sum(), params.top_p)
+    ids, probs = apply_min_p(ids, probs / probs.sum(), params.min_p)
+    return ids, apply_top_p(probs, params.top_p)
 
 
 def distribution(logits: np.ndarray, seen: np.ndarray, params: SamplingParams, size: int | None = None) -> np.ndarray:

@@ -15,6 +15,12 @@ totals. A client that hangs up, streaming or not, is stopped at its next token (
 the worker moves on. A request asks for at most `max_tokens` new tokens (the default when it names none; more
 is a 400) and generates for at most `request_timeout` seconds (then the answer so far, finish_reason "length").
 
+Tools and structured output (toolkit/server_tools.py): `tools` are rendered by the chat template and the
+answer's <tool_call> blocks come back as `message.tool_calls` (finish_reason "tool_calls"), streamed as
+`delta.tool_calls`; `tool_choice` "required" or a named function, and `response_format` json_object or
+json_schema, constrain the output with llguidance (`pip install 'qwen-edge[constrained]'`; without it, a 400
+naming the field). A constrained request decodes without the --draft model. `min_p` is sampled as in the API.
+
 Requests (toolkit/server_schema.py) are parsed, rendered through the chat template and tokenized in a thread,
 off the event loop. Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 malformed
 JSON or a bad value (naming the field), 400 `context_length_exceeded` for a prompt that does not fit, 401 a
@@ -39,7 +45,9 @@ from starlette.routing import Route
 from toolkit.generation import Completion
 from toolkit.server_schema import (MAX_BODY, MAX_TOKENS, APIError, chat_messages, completion_prompt, parse_json,
                                    prompt_ids, read_body, request_options)
+from toolkit.server_tools import Deltas, constraint_options, message, response_schema, tool_fields
 from toolkit.server_worker import REQUEST_TIMEOUT, Job, Worker, cancel_on_disconnect, events
+from toolkit.tool_spec import ToolRequest
 
 
 def create_app(model, model_id: str, api_key: str | None = None, max_queue: int = 32, max_body: int = MAX_BODY,
@@ -56,14 +64,17 @@ def create_app(model, model_id: str, api_key: str | None = None, max_queue: int 
             raise APIError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key")
 
-    def prepare(body: bytes, chat: bool) -> tuple[dict, list[int], dict]:
-        """The request's JSON, prompt token ids and generation options (in a thread: it may take a while)."""
+    def prepare(body: bytes, chat: bool) -> tuple[dict, list[int], dict, ToolRequest | None]:
+        """The request's JSON, prompt token ids, generation options and tools (in a thread: it may take a
+        while)."""
         data = parse_json(body)
+        tools = tool_fields(data) if chat else None
         if chat:
-            ids = prompt_ids(model, chat_messages(data), "messages")
+            ids = prompt_ids(model, chat_messages(data), "messages", tools.rendered if tools is not None else None)
         else:
             ids = prompt_ids(model, completion_prompt(data, model.tokenizer.vocab_size), "prompt")
-        return data, ids, request_options(model, data, ids, max_tokens)
+        options = request_options(model, data, ids, max_tokens)
+        return data, ids, options | constraint_options(model, tools, response_schema(data)), tools
 
     async def health(request: Request):
         draft = {} if model.draft is None else {"draft": {"model": model.draft.manifest.folder.resolve().name,
@@ -85,9 +96,9 @@ def create_app(model, model_id: str, api_key: str | None = None, max_queue: int 
     async def respond(request: Request, chat: bool):
         check_key(request)
         body = await read_body(request, max_body)
-        data, ids, options = await run_in_threadpool(prepare, body, chat)
+        data, ids, options, tools = await run_in_threadpool(prepare, body, chat)
         job = worker.submit(ids, options)
-        shape = Shape(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_id, chat)
+        shape = Shape(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_id, chat, tools)
         if data.get("stream"):
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(sse(job, shape, include_usage), media_type="text/event-stream",
@@ -136,10 +147,13 @@ async def answer(job: Job, shape: "Shape") -> Response:
 
 
 class Shape:
-    """OpenAI's response objects for one request (chat.completion or text_completion, and their chunks)."""
+    """OpenAI's response objects for one request (chat.completion or text_completion, and their chunks); with
+    tools, the answer's calls as message.tool_calls, or streamed as delta.tool_calls (toolkit/server_tools.py)."""
 
-    def __init__(self, rid: str, model_id: str, chat: bool):
+    def __init__(self, rid: str, model_id: str, chat: bool, tools: ToolRequest | None = None):
         self.rid, self.model_id, self.chat, self.created = rid, model_id, chat, int(time.time())
+        self.tools = tools if tools is not None and tools.parse else None
+        self.deltas = Deltas(self.tools) if self.tools is not None else None
 
     def _object(self, kind: str, choices: list, usage: dict | None = None) -> dict:
         out = {"id": self.rid, "object": kind, "created": self.created, "model": self.model_id, "choices": choices}
@@ -158,15 +172,17 @@ class Shape:
 
     def final(self, text: str, c: Completion) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": c.finish_reason}
+            msg, finish_reason = message(text, c.finish_reason, self.tools)
+            choice = {"index": 0, "message": msg, "finish_reason": finish_reason}
             return self._object("chat.completion", [choice], self.usage(c))
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": c.finish_reason}
         return self._object("text_completion", [choice], self.usage(c))
 
     def chunk(self, piece: str | None, finish_reason: str | None = None, role: bool = False,
-              usage: dict | None = None) -> dict:
+              usage: dict | None = None, delta: dict | None = None) -> dict:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
             return self._object("chat.completion.chunk",
                                 [{"index": 0, "delta": delta, "finish_reason": finish_reason}], usage)
         return self._object("text_completion",
@@ -187,10 +203,20 @@ async def sse(job: Job, shape: Shape, include_usage: bool):
     if shape.chat:
         yield data_line(shape.chunk(None, role=True))
     async for kind, value in events(job):
-        if kind == "piece":
+        if kind == "piece" and shape.deltas is not None:
+            for delta in shape.deltas.push(value):
+                yield data_line(shape.chunk(None, delta=delta))
+        elif kind == "piece":
             yield data_line(shape.chunk(value))
         elif kind == "error":
             yield data_line(value.body())
+        elif shape.deltas is not None:
+            for delta in shape.deltas.finish():
+                yield data_line(shape.chunk(None, delta=delta))
+            yield data_line(shape.chunk(None, shape.deltas.finish_reason(value.finish_reason),
+                                        usage=Shape.usage(value)))
+            if include_usage:
+                yield data_line(shape.usage_chunk(value))
         else:
             yield data_line(shape.chunk(None, value.finish_reason, usage=Shape.usage(value)))
             if include_usage:

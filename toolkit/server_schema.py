@@ -85,6 +85,7 @@ def sampling(data: dict, context_left: int, max_tokens: int = MAX_TOKENS) -> dic
         "max_new_tokens": min(asked or max_tokens, context_left),
         "temperature": number(data, "temperature", 0, 2),
         "top_p": number(data, "top_p", 0, 1, low_open=True),
+        "min_p": number(data, "min_p", 0, 1),
         "top_k": number(data, "top_k", 0, 1 << 31, integer=True),
         "repetition_penalty": number(data, "repetition_penalty", 0, 10, low_open=True),
         "seed": number(data, "seed", 0, (1 << 63) - 1, integer=True),
@@ -124,6 +125,27 @@ def chat_messages(data: dict) -> list[dict]:
             raise APIError(400, f"{where}.content: expected a string", param=f"{where}.content")
         unicode(content, f"{where}.content")
         out.append({"role": m["role"], "content": content})
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            out[-1]["tool_calls"] = tool_calls(m["tool_calls"], f"{where}.tool_calls")
+    return out
+
+
+def tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's tool_calls, as OpenAI sends them back: [{"id", "type": "function", "function":
+    {"name": str, "arguments": str}}] (the arguments' JSON is read when the chat template renders them)."""
+    if not isinstance(calls, list):
+        raise APIError(400, f"{where}: expected a list of {{id, type, function: {{name, arguments}}}} objects",
+                       param=where)
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments", ""), str) or call.get("type", "function") != "function":
+            raise APIError(400, f"{where}[{j}]: expected {{id, type: 'function', function: {{name: str, arguments: "
+                                "a JSON string}}}}", param=f"{where}[{j}]")
+        unicode(function["name"] + function.get("arguments", ""), f"{where}[{j}].function")
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": function.get("arguments", "{}")}})
     return out
 
 
@@ -151,12 +173,13 @@ def unicode(text: str, param: str) -> str:
     return text
 
 
-def prompt_ids(model, prompt, param: str) -> list[int]:
-    """The prompt's token ids (a chat through the template), refused with 400 if they leave no room. In a
-    chat, special-token text inside user and tool content stays plain text (literal_content): what a user
-    types cannot open or close turns; a client that wants raw control tokens uses /v1/completions."""
+def prompt_ids(model, prompt, param: str, tools=None) -> list[int]:
+    """The prompt's token ids (a chat through the template, with `tools` if given), refused with 400 if they
+    leave no room. In a chat, special-token text inside user and tool content stays plain text
+    (literal_content): what a user types cannot open or close turns; a client that wants raw control tokens
+    uses /v1/completions."""
     try:
-        ids = model.encode(prompt, literal_content=True)
+        ids = model.encode(prompt, literal_content=True, tools=tools)
     except QwenEdgeError as e:
         raise APIError(400, str(e), param=param) from None
     if not ids:
@@ -173,7 +196,7 @@ def request_options(model, data: dict, ids: list[int], max_tokens: int) -> dict:
     options = sampling(data, model.max_length - len(ids), max_tokens)
     try:
         model.sampling_params(options["temperature"], options["top_k"], options["top_p"],
-                              options["repetition_penalty"], options["seed"])
+                              options["repetition_penalty"], options["seed"], options["min_p"])
     except ArgumentError as e:
         raise APIError(400, str(e)) from None
     return options

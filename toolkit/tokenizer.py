@@ -74,6 +74,10 @@ class Tokenizer:
         """An incremental decoder (see TextStream)."""
         return StreamDecoder(self._tok)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance builds its own from: toolkit/constrained.py)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
