@@ -91,7 +91,8 @@ def candidates(logits: np.ndarray, seen: np.ndarray, params: SamplingParams) -> 
         return np.array([int(np.argmax(logits))]), np.ones(1)
     ids = top_k_candidates(logits, params.top_k)
     picked = logits[ids].astype(np.float64)
-    probs = np.exp((picked - picked.max()) / params.temperature)  # shift first: a tiny temperature gives 0s, not NaN
+    with np.errstate(over="ignore"):  # a tiny temperature overflows the gaps to -inf: their tokens get 0, as meant
+        probs = np.exp((picked - picked.max()) / params.temperature)  # shift first: 0s, not NaN
     ids, probs = apply_min_p(ids, probs / probs.sum(), params.min_p)
     return ids, apply_top_p(probs, params.top_p)
 
