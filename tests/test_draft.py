@@ -4,7 +4,6 @@ the output distribution of speculative sampling, both KV caches after truncation
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from toolkit.errors import ArgumentError
 from toolkit.generation import Row
 from toolkit.sampling import SamplingParams, candidates, distribution, draw, make_sampler
 
-from serving import wait_for_health
+from serving import cli_server
 from tiny import make_checkpoint, make_tokenizer
 
 EXE = str(Path(sys.executable).parent / "qwen-edge")
@@ -350,15 +349,8 @@ def test_cli_chat_with_draft_shows_acceptance(folders):
 def test_cli_serve_with_draft(folders, models):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("starlette")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([EXE, "serve", str(folders["target"]), "--port", str(port), "--max-length", "512",
-                             "--threads", "1", "--draft", str(folders["same"]), "--draft-tokens", "8"],
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(proc, url)
+    with cli_server(folders["target"], "--max-length", "512", "--threads", "1", "--draft", str(folders["same"]),
+                "--draft-tokens", "8") as url:
         history = [{"role": "user", "content": "hello there"}]
         for turn in range(2):
             body = {"model": "x", "messages": history, "temperature": 0, "max_tokens": 16}
@@ -372,6 +364,3 @@ def test_cli_serve_with_draft(folders, models):
         health = httpx.get(f"{url}/health").json()
         assert health["draft"]["model"] == folders["same"].name
         assert health["draft"]["drafted_tokens"] >= health["draft"]["accepted_tokens"] > 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

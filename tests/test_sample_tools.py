@@ -2,22 +2,18 @@
 trip with the official openai client against `qwen-edge serve`, streamed and not, and 50 prompts under a JSON
 schema whose every answer validates. Skipped, with the reason, when the sample cannot be fetched."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import test_sample
 import toolkit
 from test_constrained import valid
-from test_server import free_port
+from serving import cli_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llguidance")
 pytest.importorskip("uvicorn")
 
-EXE = str(Path(sys.executable).parent / "qwen-edge")
 SYSTEM = "You are a weather assistant. Look the weather up with get_weather, then tell the user the result in words."
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -37,15 +33,8 @@ sample_hf, sample_int4 = test_sample.sample_hf, test_sample.sample_int4  # its f
 
 @pytest.fixture(scope="module")
 def client(sample_int4):
-    port = free_port()
-    proc = subprocess.Popen([EXE, "serve", str(sample_int4), "--port", str(port), "--threads", "2",
-                             "--max-length", "2048", "--max-tokens", "128"], stderr=subprocess.PIPE, text=True)
-    from serving import wait_for_health
-
-    wait_for_health(proc, f"http://127.0.0.1:{port}", seconds=120)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-    proc.terminate()
-    proc.wait(timeout=30)
+    with cli_server(sample_int4, "--threads", "2", "--max-length", "2048", "--max-tokens", "128", seconds=120) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def streamed_message(stream) -> tuple[dict, str]:

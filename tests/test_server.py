@@ -2,12 +2,9 @@
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,19 +15,12 @@ uvicorn = pytest.importorskip("uvicorn")
 from starlette.testclient import TestClient  # noqa: E402
 
 import toolkit  # noqa: E402
-from serving import wait_for_health  # noqa: E402
+from serving import EXE, cli_server, free_port  # noqa: E402
 from toolkit.server import create_app  # noqa: E402
 from toolkit.server_worker import Job, Worker  # noqa: E402
 
-EXE = str(Path(sys.executable).parent / "qwen-edge")
 KEY = "test-key"
 GREEDY = dict(temperature=0, max_tokens=12)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +30,9 @@ def folder(exported):
 
 @pytest.fixture(scope="module")
 def base(folder):
-    port = free_port()
-    proc = subprocess.Popen([EXE, "serve", str(folder), "--port", str(port), "--api-key", KEY, "--model-id", "tiny",
-                             "--max-length", "512", "--threads", "1", "--max-tokens", "480", "--request-timeout", "60",
-                             "--max-body", str(1 << 20)], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_health(proc, url)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with cli_server(folder, "--api-key", KEY, "--model-id", "tiny", "--max-length", "512", "--threads", "1",
+                "--max-tokens", "480", "--request-timeout", "60", "--max-body", str(1 << 20)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ against a served tiny model that carries Qwen2.5's chat template. A random model
 itself, so calls come from forced tool_choice (constrained decoding); test_tools.py feeds the parser
 synthetic text."""
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +15,9 @@ pytest.importorskip("llguidance")
 from starlette.testclient import TestClient  # noqa: E402
 
 import toolkit  # noqa: E402
-from serving import wait_for_health  # noqa: E402
-from test_server import free_port  # noqa: E402
+from serving import cli_server  # noqa: E402
 from toolkit.server import create_app  # noqa: E402
 
-EXE = str(Path(sys.executable).parent / "qwen-edge")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"],
     "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]}}}}}
@@ -34,14 +30,8 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer"
 
 @pytest.fixture(scope="module")
 def base(tools_folder):
-    port = free_port()
-    proc = subprocess.Popen([EXE, "serve", str(tools_folder), "--port", str(port), "--model-id", "tiny",
-                             "--threads", "1", "--max-tokens", "200"], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_health(proc, url)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with cli_server(tools_folder, "--model-id", "tiny", "--threads", "1", "--max-tokens", "200") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
