@@ -210,15 +210,13 @@ async def sse(job: Job, shape: Shape, include_usage: bool):
             yield data_line(shape.chunk(value))
         elif kind == "error":
             yield data_line(value.body())
-        elif shape.deltas is not None:
-            for delta in shape.deltas.finish():
-                yield data_line(shape.chunk(None, delta=delta))
-            yield data_line(shape.chunk(None, shape.deltas.finish_reason(value.finish_reason),
-                                        usage=Shape.usage(value)))
-            if include_usage:
-                yield data_line(shape.usage_chunk(value))
         else:
-            yield data_line(shape.chunk(None, value.finish_reason, usage=Shape.usage(value)))
+            finish_reason = value.finish_reason
+            if shape.deltas is not None:  # the rest of an unfinished call, and "tool_calls" when there were calls
+                for delta in shape.deltas.finish():
+                    yield data_line(shape.chunk(None, delta=delta))
+                finish_reason = shape.deltas.finish_reason(finish_reason)
+            yield data_line(shape.chunk(None, finish_reason, usage=Shape.usage(value)))
             if include_usage:
                 yield data_line(shape.usage_chunk(value))
     yield "data: [DONE]\n\n"
