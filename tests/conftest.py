@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_checkpoint  # noqa: E402
 
+SAMPLE_HF = Path(__file__).resolve().parents[1] / "models" / "qwen2.5-coder-0.5b-instruct-hf"
 CHECKPOINTS = {  # name -> (tied, dtype, sharded)
     "tied_fp32": (True, "float32", False),
     "untied_bf16": (False, "bfloat16", True),
@@ -56,3 +58,24 @@ def tools_folder(tmp_path_factory):
     folder = make_checkpoint(tmp_path_factory.mktemp("tools_ckpt"), tied=True, context=2048, chat_template=template)
     out = tmp_path_factory.mktemp("exports") / "tools-32"
     return export(folder, out, QuantSpec(32, 32, True, int8_accuracy_level=0), log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def sample_hf():
+    """The real-model sample's Hugging Face folder (models/get_sample.py fetches it when absent); the test is
+    skipped, with the reason, only when it cannot be fetched."""
+    if not (SAMPLE_HF / "config.json").exists():
+        r = subprocess.run([sys.executable, str(SAMPLE_HF.parent / "get_sample.py")], capture_output=True, text=True,
+                           timeout=1800)
+        if r.returncode != 0:
+            pytest.skip(f"the real-model sample could not be fetched: {r.stderr.strip().splitlines()[-1:]}")
+    return SAMPLE_HF
+
+
+@pytest.fixture(scope="session")
+def sample_int4(sample_hf, tmp_path_factory):
+    """The sample exported at int4 g32 once per session (~400 MB), shared by every sample test that reads it."""
+    from export import QuantSpec, export
+
+    return export(sample_hf, tmp_path_factory.mktemp("sample") / "int4", QuantSpec(bits=4, group_size=32),
+                  log=lambda m: None)

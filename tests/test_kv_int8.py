@@ -1,7 +1,6 @@
 """`--kv-cache int8`: GroupQueryAttention keeps the KV cache in int8 with per-channel scales calibrated on
 the calibration text (keys: the RoPE pair's norm, so the range holds at every position; values: max |v|)."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,20 +100,13 @@ def test_int8_cache_needs_fast_ops(checkpoint, tmp_path):
 
 
 @pytest.mark.sample
-def test_sample_int8_cache_kl(tmp_path):
+def test_sample_int8_cache_kl(sample_hf, sample_int4, tmp_path):
     """The real model: int8 cache against the float cache, same int4 weights, on prose the calibration has
     not seen: mean KL below 0.01 nats and top-1 agreement above 95 %."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_sample import HF
-
-    if not (HF / "config.json").exists():
-        pytest.skip("the real-model sample is absent (models/get_sample.py)")
     from toolkit.evaluate import evaluate_text
 
-    spec = QuantSpec(bits=4, group_size=32)
-    f32 = export(HF, tmp_path / "f32", spec, log=lambda m: None)
-    i8 = export(HF, tmp_path / "i8", spec, kv_cache="int8", log=lambda m: None)
+    i8 = export(sample_hf, tmp_path / "i8", QuantSpec(bits=4, group_size=32), kv_cache="int8", log=lambda m: None)
     text = (ROOT / "tests" / "data" / "prose.txt").read_text()[:6000]
-    report = evaluate_text(toolkit.load(i8, threads=2), text, toolkit.load(f32, threads=2), 512, 256)
+    report = evaluate_text(toolkit.load(i8, threads=2), text, toolkit.load(sample_int4, threads=2), 512, 256)
     print(report)
     assert report["kl_mean"] < 0.01 and report["top1"] > 0.95

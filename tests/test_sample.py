@@ -10,27 +10,7 @@ import pytest
 
 import toolkit
 
-ROOT = Path(__file__).resolve().parents[1]
-HF = ROOT / "models" / "qwen2.5-coder-0.5b-instruct-hf"
 QUESTION = "Write a Python function that reverses a string."
-
-
-@pytest.fixture(scope="module")
-def sample_hf():
-    if not (HF / "config.json").exists():
-        r = subprocess.run([sys.executable, str(ROOT / "models" / "get_sample.py")], capture_output=True, text=True,
-                           timeout=1800)
-        if r.returncode != 0:
-            pytest.skip(f"the real-model sample could not be fetched: {r.stderr.strip().splitlines()[-1:]}")
-    return HF
-
-
-@pytest.fixture(scope="module")
-def sample_int4(sample_hf, tmp_path_factory):
-    from export import QuantSpec, export
-
-    return export(sample_hf, tmp_path_factory.mktemp("sample") / "int4", QuantSpec(bits=4, group_size=32),
-                  log=lambda m: None)
 
 
 @pytest.mark.sample
@@ -87,13 +67,13 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, and then it rests.", "你
 
 
 @pytest.mark.sample
-def test_gguf_export_equals_the_hf_folder_export(sample_hf, tmp_path_factory):
+def test_gguf_export_equals_the_hf_folder_export(sample_hf, tmp_path):
     """The native GGUF path against the Hugging Face folder transformers made from the same file."""
     import numpy as np
 
     from export import QuantSpec, export
 
-    root = tmp_path_factory.mktemp("gguf-vs-hf")
+    root = tmp_path  # two float32 exports, ~4 GB: removed when the test passes (pyproject's retention policy)
     gguf = sample_hf.parent / "qwen2.5-coder-0.5b-instruct.gguf"
     a = toolkit.load(export(gguf, root / "gguf", QuantSpec(bits=32), log=lambda m: None), preload=False)
     b = toolkit.load(export(sample_hf, root / "hf", QuantSpec(bits=32), log=lambda m: None), preload=False)
@@ -107,7 +87,7 @@ def test_gguf_export_equals_the_hf_folder_export(sample_hf, tmp_path_factory):
 
 
 @pytest.mark.sample
-def test_float16_export_agrees_with_the_float32_one_except_at_near_ties(sample_hf, sample_int4, tmp_path_factory):
+def test_float16_export_agrees_with_the_float32_one_except_at_near_ties(sample_hf, sample_int4, tmp_path):
     """The --device cuda export (float16), run on the CPU provider's float16 kernels, against the float32-
     activation export of the same recipe: teacher-forced on the latter's greedy answers, the same top token
     wherever the float32 top-2 margin exceeds 0.25 (float16 moves these logits by ~0.1), and mean KL < 0.005."""
@@ -115,7 +95,7 @@ def test_float16_export_agrees_with_the_float32_one_except_at_near_ties(sample_h
 
     from export import QuantSpec, export
 
-    half = toolkit.load(export(sample_hf, tmp_path_factory.mktemp("sample") / "int4-cuda",
+    half = toolkit.load(export(sample_hf, tmp_path / "int4-cuda",
                                QuantSpec(bits=4, group_size=32), log=lambda m: None, device="cuda"), threads=2)
     full = toolkit.load(sample_int4, threads=2)
     kls, checked = [], 0

@@ -1,11 +1,10 @@
-"""The real model (the sample, exported at int4 as test_sample.py does) with tools and schemas: a tool-call round
+"""The real model (the sample, conftest's one int4 export) with tools and schemas: a tool-call round
 trip with the official openai client against `qwen-edge serve`, streamed and not, and 50 prompts under a JSON
 schema whose every answer validates. Skipped, with the reason, when the sample cannot be fetched."""
 import json
 
 import pytest
 
-import test_sample
 import toolkit
 from test_constrained import valid
 from serving import cli_server
@@ -28,7 +27,6 @@ TOPICS = ["Python", "Linux", "the World Wide Web", "Git", "Java", "the C languag
           "the iPhone", "Wikipedia", "Unicode", "TCP/IP", "the transistor", "the Moon landing", "Go (the language)",
           "Docker", "Kubernetes", "PostgreSQL", "the GPS system", "Bitcoin", "the first web browser", "Haskell",
           "the Eiffel Tower", "Lisp"]
-sample_hf, sample_int4 = test_sample.sample_hf, test_sample.sample_int4  # its fixtures: the same int4 export
 
 
 @pytest.fixture(scope="module")
