@@ -67,16 +67,28 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, and then it rests.", "你
 
 
 @pytest.mark.sample
-def test_gguf_export_equals_the_hf_folder_export(sample_hf, tmp_path):
-    """The native GGUF path against the Hugging Face folder transformers made from the same file."""
+def test_gguf_export_equals_the_hf_folder_export(sample_hf, sample_int4, tmp_path):
+    """The native GGUF path against the Hugging Face folder transformers made from the same file: every tensor
+    read back the same, then the two int4 exports (tokenizer, logits, end-of-turn ids) equal."""
     import numpy as np
+    from safetensors import safe_open
 
     from export import QuantSpec, export
+    from export.checkpoint import open_checkpoint
 
-    root = tmp_path  # two float32 exports, ~4 GB: removed when the test passes (pyproject's retention policy)
     gguf = sample_hf.parent / "qwen2.5-coder-0.5b-instruct.gguf"
-    a = toolkit.load(export(gguf, root / "gguf", QuantSpec(bits=32), log=lambda m: None), preload=False)
-    b = toolkit.load(export(sample_hf, root / "hf", QuantSpec(bits=32), log=lambda m: None), preload=False)
+    hf, gg = open_checkpoint(sample_hf), open_checkpoint(gguf)
+    names = {}
+    for shard in sorted(sample_hf.glob("*.safetensors")):
+        with safe_open(shard, "np") as f:
+            names.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    assert len(names) > 200
+    for name, shape in names.items():
+        np.testing.assert_array_equal(gg.tensor(name, shape), hf.tensor(name, shape), err_msg=name)
+    # int4 as sample_int4 (the HF folder's export), not float32: ~0.4 GB more on disk, not ~4.8 GB
+    a = toolkit.load(export(gguf, tmp_path / "gguf", QuantSpec(bits=4, group_size=32), log=lambda m: None),
+                     preload=False)
+    b = toolkit.load(sample_int4, preload=False)
     for text in TEXTS:
         assert a.tokenizer.encode(text) == b.tokenizer.encode(text), text
     ids = np.array([a.tokenizer.encode(" ".join(TEXTS))])
