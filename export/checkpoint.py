@@ -192,6 +192,35 @@ class Checkpoint:
                 shutil.copyfile(self.folder / name, dest / name)
 
 
+class Untied:
+    """A checkpoint with tied embeddings read as an untied one (`export --untie`): `lm_head.weight` is the
+    embedding table, so the lm_head is quantized as a matrix of its own (GPTQ with --method compensated: its
+    error pushed across columns would otherwise land on the embedding lookups too) and the embedding apart."""
+
+    LM_HEAD, TABLE = "lm_head.weight", "model.embed_tokens.weight"
+
+    def __init__(self, ckpt):
+        self.inner = ckpt
+
+    def _name(self, name: str) -> str:
+        return self.TABLE if name == self.LM_HEAD else name
+
+    def has(self, name: str) -> bool:
+        return self.inner.has(self._name(name))
+
+    def check(self, name: str, shape: tuple) -> None:
+        self.inner.check(self._name(name), shape)
+
+    def tensor(self, name: str, shape: tuple, rows=slice(None)) -> np.ndarray:
+        return self.inner.tensor(self._name(name), shape, rows)
+
+    def raw(self, name: str) -> np.ndarray:
+        return self.inner.raw(self._name(name))
+
+    def __getattr__(self, attr):  # config, folder, write_side_files, describe, imported, ...
+        return getattr(self.inner, attr)
+
+
 def open_checkpoint(src: Path):
     """A Hugging Face folder (GPTQ / AWQ ones wrapped, export/prequantized.py), or a .gguf file (read with
     the gguf package)."""

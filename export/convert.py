@@ -14,6 +14,7 @@ into place at the end, so a failed, interrupted (Ctrl-C) or terminated (SIGTERM)
 half-written; one killed outright leaves its partial folder, which the next export to OUT removes once
 that process is gone. OUT may only replace an earlier export (or an empty folder), never the source.
 """
+import dataclasses
 import itertools
 import json
 import os
@@ -31,7 +32,7 @@ import onnx
 
 from export import prefill_int8, qwen2
 from export.backend import backend
-from export.checkpoint import open_checkpoint
+from export.checkpoint import Untied, open_checkpoint
 from export.manifest import build_manifest, check_side_files, write_manifest
 from export.onnx_builder import Graph
 from export.quantize import QuantSpec, check_divides
@@ -54,7 +55,7 @@ PREQUANTIZED_SUPPORTED = True  # GPTQ / AWQ checkpoints are imported as they are
 def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
            calibration: Path | None = None, calibration_sequences: int | None = None, ops: str = "fast",
            kv_cache: str = "float32", device: str = "cpu", prefill: str = "nbits",
-           prefill_threshold: int | None = None) -> Path:
+           prefill_threshold: int | None = None, untie: bool = False) -> Path:
     """Export checkpoint `src` (a Hugging Face folder or a GGUF file) to model folder `out`; return `out`.
 
     With spec.method == "calibrated", the float model first runs over `calibration` (a UTF-8 text file;
@@ -68,7 +69,9 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     calibrated on the same text (GroupQueryAttention's quantized cache; fast ops only). device "cuda" or
     "dml" builds float16 graphs for that GPU's onnxruntime kernels (export/backend.py). prefill "int8" (fast
     CPU float32, quantized): prompts of at least prefill_threshold tokens run the layers' matmuls on a stored
-    int8 copy of each matrix (export/prefill_int8.py; a second copy of the layers in memory)."""
+    int8 copy of each matrix (export/prefill_int8.py; a second copy of the layers in memory). untie: a
+    checkpoint with tied embeddings gets an lm_head of its own, quantized apart from the embedding table
+    (export/checkpoint.Untied; one more table on disk, the same bytes read per token)."""
     src, out = Path(src), Path(out)
     if ops not in OPS:
         raise ArgumentError(f"--ops {ops}: expected one of {', '.join(OPS)}")
@@ -89,6 +92,11 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
     check_output(src, out, force)
     ckpt = open_checkpoint(src)
     cfg = qwen2.Qwen2Config.from_dict(ckpt.config, str(src if src.is_file() else src / "config.json"))
+    if untie:
+        if not cfg.tie_word_embeddings:
+            raise ArgumentError(f"--untie: {src} has an lm_head of its own already; expected a checkpoint with "
+                                "tied embeddings (tie_word_embeddings true)")
+        ckpt, cfg = Untied(ckpt), dataclasses.replace(cfg, tie_word_embeddings=False)
     if spec.quantized:
         spec = spec.fit(cfg.hidden_size, cfg.intermediate_size)
         check_group_sizes(cfg, spec)
@@ -128,7 +136,8 @@ def export(src: Path, out: Path, spec: QuantSpec, force: bool = False, log=None,
         log(f"{WEIGHTS_FILE}: {sum(store.file.nbytes.values()) / 1e6:.1f} MB in {time.time() - t:.1f} s")
         graphs = write_graphs(tmp, cfg, store, log)
         manifest = build_manifest(tmp, src, ckpt.config, cfg, spec, graphs, store.summary() | {"imported": imported,
-                                                                                     "calibration": calibrated},
+                                                                                     "calibration": calibrated,
+                                                                                     "untied": untie},
                                   time.time() - started, target, kv_cache)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)

@@ -49,6 +49,7 @@ def build_manifest(folder: Path, source: Path, config: dict, cfg, spec: QuantSpe
             "embedding": {"nbits": "GatherBlockQuantized", "rows": "Gather + DequantizeLinear", "table": "Gather"}[
                 backend.layout(spec.quantized, "embedding")],
             "tied_embeddings": cfg.tie_word_embeddings,
+            "untied": stored.get("untied", False),  # export --untie: a tied checkpoint's lm_head stored apart
             "weights_bytes": sum(stored["bytes"].values()),
             # a GPTQ / AWQ checkpoint's quantization, whose codes and scales were imported unchanged; else None
             "imported": stored.get("imported"),
