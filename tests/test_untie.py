@@ -36,13 +36,13 @@ def test_untied_compensated_export_quantizes_the_lm_head_apart_and_tracks_the_or
     kl = {}
     for untie in (False, True):
         folder = export(src, tmp_path / str(untie), spec, untie=untie, log=lambda m: None, calibration_sequences=16)
-        q = toolkit.load(folder).manifest["quantization"]
-        stored = q["quantized_tensors"]
+        model = toolkit.load(folder)
+        stored = model.manifest["quantization"]["quantized_tensors"]
         if untie:
             assert stored["lm_head.weight"] == 4 and stored["model.embed_tokens.weight"] == 8
         else:
             assert "lm_head.weight" not in stored and stored["model.embed_tokens.weight"] == 4
-        kl[untie] = kl_to_oracle(folder, src, toolkit.load(folder).tokenizer.encode(TEXT)[:400])
+        kl[untie] = kl_to_oracle(folder, src, model.tokenizer.encode(TEXT)[:400])
     assert kl[True] < kl[False], kl
 
 
